@@ -1,0 +1,17 @@
+"""fp8_fx: a torch.compile backend that serves Wan video DiTs in FP8.
+
+    compiled = torch.compile(transformer, backend=fp8_fx.fp8_backend)
+"""
+from . import ops  # registers the fp8_fx torch.library ops
+from .backend import FP8Backend, fp8_backend, make_fp8_backend
+from .config import (DIFFUSERS_WAN_TARGETS, FASTVIDEO_WAN_TARGETS, ORIGINAL_WAN_TARGETS,
+                     WAN_I2V_IMAGE_KV_TARGETS, WAN_TARGETS, FP8Config)
+from .qualname import normalize_qualname
+from .report import LinearDecision, Report
+
+__all__ = [
+    "FP8Backend", "FP8Config", "LinearDecision", "Report", "fp8_backend", "make_fp8_backend",
+    "normalize_qualname", "ops", "WAN_TARGETS", "DIFFUSERS_WAN_TARGETS", "FASTVIDEO_WAN_TARGETS",
+    "ORIGINAL_WAN_TARGETS", "WAN_I2V_IMAGE_KV_TARGETS",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,81 @@
+"""The torch.compile backend: the FX pass, then Inductor.
+
+    config -> rewrite_linears (decisions, rewritten graph) -> compile_fx (Inductor)
+           -> a callable that feeds cached FP8 weights to the compiled graph
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.fx
+from torch._inductor.compile_fx import compile_fx
+
+from .config import FP8Config
+from .report import Report
+from .rewrite import RewriteResult, rewrite_linears
+from .weights import QuantizedWeightCache
+
+
+class FP8Backend:
+    """A torch.compile backend. After compiling: `.report` (one record per linear op),
+    `.graphs` (the rewritten FX GraphModules, before Inductor)."""
+
+    def __init__(self, config: Optional[FP8Config] = None,
+                 inductor_config_patches: Optional[Dict[str, Any]] = None) -> None:
+        self.config = config if config is not None else FP8Config()
+        if not isinstance(self.config, FP8Config):
+            raise TypeError(f"make_fp8_backend takes an FP8Config, got {type(config).__name__}")
+        self.inductor_config_patches = dict(inductor_config_patches or {})
+        self.report = Report()
+        self.graphs: List[torch.fx.GraphModule] = []
+        self.weights = QuantizedWeightCache()
+
+    def __repr__(self) -> str:
+        return f"FP8Backend({self.config})"
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        result = rewrite_linears(gm, self.config)
+        self.report.add_graph(result.decisions)
+        gm = result.graph_module
+        self.graphs.append(gm)
+        self._warn_if_nothing_matched(result)
+        if result.weight_slots and torch.is_grad_enabled():
+            raise RuntimeError(
+                "fp8_fx is inference-only (its FP8 ops have no backward). Call the compiled "
+                "model under torch.no_grad() or torch.inference_mode().")
+
+        slots = result.weight_slots
+        example_fp8 = self.weights.quantized_inputs(example_inputs, slots)
+        compiled = compile_fx(gm, [*example_inputs, *example_fp8],
+                              config_patches=self.inductor_config_patches or None)
+        if not slots:
+            return compiled
+        weights = self.weights
+
+        def run_with_fp8_weights(*args):
+            # Dynamo calls compiled graphs unboxed: compiled_fn(*args).
+            return compiled(*args, *weights.quantized_inputs(args, slots))
+
+        return run_with_fp8_weights
+
+    def _warn_if_nothing_matched(self, result: RewriteResult) -> None:
+        decisions = result.decisions
+        if decisions and not any(d.reason != "not targeted" for d in decisions):
+            warnings.warn(
+                f"fp8_fx: none of the {len(decisions)} linear ops in this graph matched the "
+                f"targets {self.config.targets}; they stay in their original precision. "
+                "Check FP8Config.targets against backend.report (qualnames).",
+                stacklevel=2)
+
+
+def make_fp8_backend(config: Optional[FP8Config] = None,
+                     inductor_config_patches: Optional[Dict[str, Any]] = None) -> FP8Backend:
+    """A backend for torch.compile(model, backend=...). `inductor_config_patches` are
+    passed to Inductor for this backend's graphs only (global config is left alone)."""
+    return FP8Backend(config, inductor_config_patches)
+
+
+# The default-config backend; also registered as torch.compile(backend="fp8_fx").
+fp8_backend = make_fp8_backend()

@@ -1,0 +1,82 @@
+"""FP8Config and the Wan target presets.
+
+The config is the only input to the pass's decisions; it is frozen so a backend's
+behaviour cannot change after it was built.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Tuple
+
+Granularity = Literal["tensor", "row"]
+Fallback = Literal["weight_only", "emulate"]
+
+# Attention projections and FFN layers of the three Wan codebases (see README).
+# Matched as whole dotted components at the end of the module path.
+DIFFUSERS_WAN_TARGETS: Tuple[str, ...] = (
+    "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+    "ffn.net.0.proj", "ffn.net.2",
+)
+FASTVIDEO_WAN_TARGETS: Tuple[str, ...] = (
+    # FastVideo's self-attention projections sit directly on the block.
+    "to_q", "to_k", "to_v", "to_out",
+    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out",
+    "ffn.fc_in", "ffn.fc_out",
+)
+ORIGINAL_WAN_TARGETS: Tuple[str, ...] = (
+    "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+    "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
+    "ffn.0", "ffn.2",
+)
+# The I2V image-conditioning K/V projections (diffusers add_k_proj/add_v_proj,
+# Wan2.1 k_img/v_img) read the CLIP image tokens: 257 tokens per sample, a
+# negligible share of the FLOPs, and cross-attention is the most FP8-sensitive
+# part of the block. They stay in bf16 by default; add them to `targets` to opt in.
+WAN_I2V_IMAGE_KV_TARGETS: Tuple[str, ...] = (
+    "attn2.add_k_proj", "attn2.add_v_proj", "cross_attn.k_img", "cross_attn.v_img",
+)
+WAN_TARGETS: Tuple[str, ...] = DIFFUSERS_WAN_TARGETS + FASTVIDEO_WAN_TARGETS + ORIGINAL_WAN_TARGETS
+
+GRANULARITIES = ("tensor", "row")
+FALLBACKS = ("weight_only", "emulate")
+
+
+@dataclasses.dataclass(frozen=True)
+class FP8Config:
+    """What to convert and how.
+
+    granularity: "tensor" (one dynamic scale per activation tensor and per weight)
+        or "row" (one scale per token x one scale per output channel).
+    targets: module-path suffixes to convert (whole dotted components).
+    exclude: suffixes never converted, even when a target matches.
+    fallback: what a targeted layer becomes where FP8 tensor cores are missing:
+        "weight_only" keeps FP8 weights and multiplies in the activation dtype;
+        "emulate" reproduces the FP8 path's numerics in fp32 on any device.
+    """
+
+    granularity: Granularity = "tensor"
+    targets: Tuple[str, ...] = WAN_TARGETS
+    exclude: Tuple[str, ...] = ()
+    fallback: Fallback = "weight_only"
+
+    def __post_init__(self):
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"FP8Config.granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.fallback not in FALLBACKS:
+            raise ValueError(
+                f"FP8Config.fallback must be one of {FALLBACKS}, got {self.fallback!r}")
+        for field in ("targets", "exclude"):
+            value = getattr(self, field)
+            if isinstance(value, str):
+                raise TypeError(
+                    f"FP8Config.{field} must be a sequence of suffixes, not one string "
+                    f"(write ({value!r},) for a single suffix)")
+            suffixes = tuple(value)
+            bad = [s for s in suffixes if not isinstance(s, str) or not s or s.startswith(".")
+                   or s.endswith(".")]
+            if bad:
+                raise ValueError(f"FP8Config.{field} has invalid suffixes {bad}: use dotted "
+                                 "module-path endings such as 'attn1.to_q'")
+            object.__setattr__(self, field, suffixes)

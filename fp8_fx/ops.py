@@ -1,0 +1,147 @@
+"""The FP8 recipe and the ops the pass emits, all in the `fp8_fx` torch.library namespace.
+
+Recipe (FastVideo's, so FP8-QAD-trained Wan checkpoints see the numerics they were
+trained for), in fp32:
+    scale     = clamp(amax(|x|) / 448, min=1 / (448 * 512))
+    quantized = clamp(x / scale, -448, 448).to(float8_e4m3fn)
+    y         = (quantized_x @ quantized_w.T) * scale_x * scale_w (+ bias), in the output dtype
+"tensor" granularity: one scale per tensor. "row": one per row of the 2-D activation
+(per token) and one per row of the weight (per output channel).
+
+Which ops are decomposable matters for Inductor:
+- `quantize`, `scaled_mm`, `emulated_scaled_mm` are CompositeImplicitAutograd: Inductor
+  sees their aten ops, fuses the activation quantization into its producer kernel and
+  lowers `aten._scaled_mm` natively.
+- `weight_only_linear` is opaque on purpose: it must read FP8 weights at every call;
+  decomposed, Inductor could hoist the fp8 -> bf16 upcast and keep a bf16 copy.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
+
+_lib = torch.library.Library("fp8_fx", "DEF")
+
+
+def _define(schema: str, fn, dispatch_key: str) -> None:
+    _lib.define(schema)
+    _lib.impl(schema.split("(")[0], fn, dispatch_key)
+
+
+def amax_to_scale(amax: torch.Tensor) -> torch.Tensor:
+    # clamp keeps an all-zero input finite (no 0/0) and NaN/Inf propagate (clamp keeps NaN).
+    return torch.clamp(amax.float() / FP8_MAX, min=MIN_SCALE)
+
+
+def cast_to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(x.float() / scale, -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def _quantize(x: torch.Tensor, granularity: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x (..., K) -> (fp8 of x's shape, fp32 scale: () for "tensor", (..., 1) for "row")."""
+    if granularity == "row":
+        amax = x.abs().amax(dim=-1, keepdim=True)
+    elif granularity == "tensor":
+        if x.numel() == 0:  # amax of nothing is an error; any scale is right for M = 0
+            amax = x.new_zeros((), dtype=torch.float32)
+        else:
+            amax = x.abs().amax()
+    else:
+        raise ValueError(f"granularity must be 'tensor' or 'row', got {granularity!r}")
+    scale = amax_to_scale(amax)
+    return cast_to_fp8(x, scale), scale
+
+
+_define("quantize(Tensor x, str granularity) -> (Tensor, Tensor)",
+        _quantize, "CompositeImplicitAutograd")
+
+
+def quantize(x: torch.Tensor, granularity: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Eager entry point: the same op the rewritten graphs call."""
+    return torch.ops.fp8_fx.quantize(x, granularity)
+
+
+def _as_2d(xq: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor):
+    """Shapes torch._scaled_mm takes: (M, K), scale_a () or (M, 1), scale_b () or (1, N)."""
+    xq2d = xq.reshape(-1, xq.shape[-1])
+    if x_scale.dim() > 0:
+        x_scale = x_scale.reshape(-1, 1)
+    if w_scale.dim() > 0:
+        w_scale = w_scale.reshape(1, -1)
+    return xq2d, x_scale, w_scale
+
+
+def _scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+               bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    """FP8 tensor-core GEMM: xq (..., K) @ wq (N, K).T with fp32 scales."""
+    out_shape = (*xq.shape[:-1], wq.shape[0])
+    xq2d, scale_a, scale_b = _as_2d(xq, x_scale, w_scale)
+    # cuBLAS row-wise scaling only writes bf16; tensor-wise writes any float type.
+    rowwise = scale_a.dim() > 0 or scale_b.dim() > 0
+    mm_dtype = torch.bfloat16 if rowwise else out_dtype
+    fused_bias = bias if bias is not None and bias.dtype == mm_dtype else None
+    if xq2d.shape[0] == 0:
+        y = xq2d.new_empty((0, wq.shape[0]), dtype=mm_dtype)
+    else:
+        y = torch._scaled_mm(xq2d, wq.t(), scale_a=scale_a, scale_b=scale_b,
+                             bias=fused_bias, out_dtype=mm_dtype)
+    if bias is not None and fused_bias is None:
+        y = (y.float() + bias.float()).to(mm_dtype)
+    return y.to(out_dtype).reshape(out_shape)
+
+
+_define("scaled_mm(Tensor xq, Tensor x_scale, Tensor wq, Tensor w_scale, Tensor? bias, "
+        "ScalarType out_dtype) -> Tensor",
+        _scaled_mm, "CompositeImplicitAutograd")
+
+
+def _emulated_scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor,
+                        w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                        out_dtype: torch.dtype) -> torch.Tensor:
+    """The scaled_mm recipe in fp32 on any device: fp8 x fp8 products are exact in fp32,
+    sums accumulate in fp32, scales apply after the sum, as on FP8 tensor cores."""
+    out_shape = (*xq.shape[:-1], wq.shape[0])
+    xq2d, scale_a, scale_b = _as_2d(xq, x_scale, w_scale)
+    y = (xq2d.float() @ wq.float().t()) * (scale_a * scale_b)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype).reshape(out_shape)
+
+
+_define("emulated_scaled_mm(Tensor xq, Tensor x_scale, Tensor wq, Tensor w_scale, Tensor? bias, "
+        "ScalarType out_dtype) -> Tensor",
+        _emulated_scaled_mm, "CompositeImplicitAutograd")
+
+
+def dequantize_weight(wq: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (wq.float() * w_scale).to(dtype)  # scale () or (N, 1) broadcasts over (N, K)
+
+
+@torch.library.custom_op("fp8_fx::weight_only_linear", mutates_args=())
+def weight_only_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                       bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """FP8 weights at rest, upcast per call, matmul in the activation dtype."""
+    return F.linear(x, dequantize_weight(wq, w_scale, x.dtype), bias)
+
+
+@weight_only_linear.register_fake
+def _(x, wq, w_scale, bias):
+    return x.new_empty((*x.shape[:-1], wq.shape[0]))
+
+
+def quantize_weight(w: torch.Tensor, granularity: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) weight -> fp8 (N, K), fp32 scale () for "tensor" or (N, 1) for "row"."""
+    return _quantize(w, granularity)
+
+
+def has_fp8_tensor_cores(device: torch.device) -> bool:
+    """True where torch._scaled_mm runs on FP8 tensor cores (CUDA sm89+)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)

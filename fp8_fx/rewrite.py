@@ -1,0 +1,210 @@
+"""The FX pass: find the linear ops of a Dynamo graph, decide each one, rewrite.
+
+Dynamo inlines nn.Modules: a linear arrives as `call_function torch._C._nn.linear`
+whose weight is a graph placeholder (the real parameter is an example input, and a
+second model instance reuses the graph with its own parameters). So the pass never
+bakes a weight into the graph: each converted weight placeholder gets two new
+placeholders, its FP8 copy and its scale, which the backend feeds at run time from a
+cache that quantizes each parameter once (see weights.py).
+
+    x, weight, bias                    x, weight_fp8, weight_scale, bias
+    linear(x, weight, bias)     ->     xq, x_scale = fp8_fx.quantize(x)      # once per x
+                                       fp8_fx.scaled_mm(xq, x_scale, weight_fp8, weight_scale, bias)
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import operator
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.fx
+
+from . import ops
+from .config import FP8Config
+from .qualname import matching_suffix, node_qualname
+from .report import LinearDecision
+
+_LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default)
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_OP_FOR_ACTION = {
+    "scaled_mm": torch.ops.fp8_fx.scaled_mm.default,
+    "emulate": torch.ops.fp8_fx.emulated_scaled_mm.default,
+}
+
+
+class MetaWeightError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSlot:
+    """Graph input `input_index` (a bf16 weight) is fed quantized as two extra inputs."""
+    input_index: int
+    granularity: str
+
+
+@dataclasses.dataclass
+class RewriteResult:
+    graph_module: torch.fx.GraphModule  # the rewritten copy
+    decisions: List[LinearDecision]
+    weight_slots: List[WeightSlot]  # in the order of the placeholders appended to the graph
+
+    @property
+    def converted(self) -> int:
+        return sum(d.converted for d in self.decisions)
+
+
+@dataclasses.dataclass
+class _Linear:
+    node: torch.fx.Node
+    x: torch.fx.Node
+    weight: torch.fx.Node
+    bias: Optional[torch.fx.Node]
+
+
+def _example(node) -> Optional[torch.Tensor]:
+    value = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, torch.fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _as_linear(node: torch.fx.Node) -> Optional[_Linear]:
+    if node.op != "call_function" or node.target not in _LINEAR_TARGETS:
+        return None
+    args = list(node.args) + [None] * (3 - len(node.args))
+    x = node.kwargs.get("input", args[0])
+    weight = node.kwargs.get("weight", args[1])
+    bias = node.kwargs.get("bias", args[2])
+    return _Linear(node, x, weight, bias)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        return f"cuda:{index} (sm{major}{minor})"
+    return str(device)
+
+
+def decide(linear: _Linear, qualname: Optional[str], config: FP8Config) -> Tuple[str, str]:
+    """(action, reason) for one linear op. Pure: reads only the node metadata and config."""
+    if qualname is None:
+        return "skipped", "no module path (F.linear called outside any module)"
+    excluded = matching_suffix(qualname, config.exclude)
+    if excluded:
+        return "skipped", f"excluded by {excluded!r}"
+    if not matching_suffix(qualname, config.targets):
+        return "skipped", "not targeted"
+    w = _example(linear.weight)
+    if linear.weight.op != "placeholder" or w is None:
+        return "skipped", "weight is computed in the graph, not a parameter"
+    if w.device.type == "meta":
+        raise MetaWeightError(
+            f"fp8_fx: the weight of {qualname} is on the meta device, so there is nothing to "
+            "quantize. Load real weights before compiling (e.g. from_pretrained(...), "
+            "load_state_dict(state, assign=True), or module.to_empty(device=...) and then load).")
+    x = _example(linear.x)
+    out = _example(linear.node)
+    if w.dim() != 2 or x is None or out is None:
+        return "skipped", "not a 2-D weight with known shapes"
+    if w.dtype not in _FLOAT_DTYPES:
+        return "skipped", f"weight dtype {w.dtype} is not bf16/fp16/fp32"
+    if not (x.dtype == w.dtype == out.dtype):
+        return "skipped", (f"mixed dtypes (input {x.dtype}, weight {w.dtype}, output {out.dtype}; "
+                           "autocast?): cast the model instead of using autocast")
+    n, k = w.shape
+    bad = [f"{name}={v}" for name, v in (("in_features", k), ("out_features", n)) if v % 16 or v == 0]
+    if bad:
+        return "skipped", f"{' and '.join(bad)} not a positive multiple of 16 (FP8 GEMM needs it)"
+    if ops.has_fp8_tensor_cores(w.device):
+        return "scaled_mm", f"FP8 tensor cores on {_device_name(w.device)}"
+    return config.fallback, (f"no FP8 tensor cores on {_device_name(w.device)}: "
+                             f"fallback={config.fallback!r}")
+
+
+def _weight_placeholder(graph: torch.fx.Graph, name: str) -> torch.fx.Node:
+    node = graph.placeholder(name)
+    # AOTAutograd reads these off Dynamo placeholders: no user-code source (like the
+    # inputs DDPOptimizer adds), and static, so CUDA graphs need not copy them.
+    node._dynamo_source = None
+    node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+    return node
+
+
+def _copy_dynamo_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy to rewrite: Dynamo reads its own graph's placeholders after the backend
+    returns, so that one must stay as it was."""
+    graph = torch.fx.Graph()
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    old_to_new: Dict[torch.fx.Node, torch.fx.Node] = {}
+    output_value, old_output = graph.graph_copy(gm.graph, old_to_new, return_output_node=True)
+    graph.output(output_value, type_expr=getattr(old_output, "type", None)).meta.update(old_output.meta)
+    for old, new in old_to_new.items():
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    new_gm = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    new_gm.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        new_gm._param_name_to_source = gm._param_name_to_source
+    return new_gm
+
+
+def rewrite_linears(gm: torch.fx.GraphModule, config: FP8Config) -> RewriteResult:
+    """Return a rewritten copy of `gm` and one decision per linear op, in graph order."""
+    gm = _copy_dynamo_graph_module(gm)
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    input_index = {n: i for i, n in enumerate(placeholders)}
+    insert_point = placeholders[-1] if placeholders else None
+
+    decisions: List[LinearDecision] = []
+    slots: List[WeightSlot] = []
+    fp8_weights: Dict[torch.fx.Node, Tuple[torch.fx.Node, torch.fx.Node]] = {}
+    fp8_inputs: Dict[torch.fx.Node, Tuple[torch.fx.Node, torch.fx.Node]] = {}
+
+    for node in list(graph.nodes):
+        linear = _as_linear(node)
+        if linear is None:
+            continue
+        qualname = node_qualname(node)
+        action, reason = decide(linear, qualname, config)
+        w = _example(linear.weight)
+        decisions.append(LinearDecision(
+            qualname=qualname or "", action=action, reason=reason,
+            in_features=int(w.shape[-1]) if w is not None else -1,
+            out_features=int(w.shape[0]) if w is not None else -1))
+        if action == "skipped":
+            continue
+
+        if linear.weight not in fp8_weights:
+            with graph.inserting_after(insert_point):
+                wq = _weight_placeholder(graph, f"{linear.weight.name}_fp8")
+            with graph.inserting_after(wq):
+                ws = _weight_placeholder(graph, f"{linear.weight.name}_scale")
+            insert_point = ws
+            fp8_weights[linear.weight] = (wq, ws)
+            slots.append(WeightSlot(input_index[linear.weight], config.granularity))
+        wq, ws = fp8_weights[linear.weight]
+
+        with graph.inserting_before(node):
+            if action == "weight_only":
+                new = graph.call_function(torch.ops.fp8_fx.weight_only_linear.default,
+                                          (linear.x, wq, ws, linear.bias))
+            else:
+                if linear.x not in fp8_inputs:  # q, k and v share one quantization
+                    quant = graph.call_function(torch.ops.fp8_fx.quantize.default,
+                                                (linear.x, config.granularity))
+                    fp8_inputs[linear.x] = (graph.call_function(operator.getitem, (quant, 0)),
+                                            graph.call_function(operator.getitem, (quant, 1)))
+                xq, xs = fp8_inputs[linear.x]
+                new = graph.call_function(_OP_FOR_ACTION[action],
+                                          (xq, xs, wq, ws, linear.bias, _example(node).dtype))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    return RewriteResult(gm, decisions, slots)
