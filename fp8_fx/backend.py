@@ -33,7 +33,9 @@ class FP8Backend:
         self.weights = QuantizedWeightCache()
 
     def __repr__(self) -> str:
-        return f"FP8Backend({self.config})"
+        c = self.config  # short: Dynamo prints this in every error message
+        return (f"FP8Backend(granularity={c.granularity!r}, fallback={c.fallback!r}, "
+                f"{len(c.targets)} targets, {len(c.exclude)} excluded)")
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         result = rewrite_linears(gm, self.config)
