@@ -123,6 +123,10 @@ def decide(linear: _Linear, qualname: Optional[str], config: FP8Config) -> Tuple
                              f"fallback={config.fallback!r}")
 
 
+def _call(graph: torch.fx.Graph, target, args, name: str) -> torch.fx.Node:
+    return graph.create_node("call_function", target, args, name=name)
+
+
 def _weight_placeholder(graph: torch.fx.Graph, name: str) -> torch.fx.Node:
     node = graph.placeholder(name)
     # AOTAutograd reads these off Dynamo placeholders: no user-code source (like the
@@ -177,11 +181,13 @@ def rewrite_linears(gm: torch.fx.GraphModule, config: FP8Config) -> RewriteResul
         if action == "skipped":
             continue
 
+        # Readable names in the rewritten graph: blocks_0_attn1_to_q_weight_fp8, ...
+        stem = (qualname or node.name).replace(".", "_")
         if linear.weight not in fp8_weights:
             with graph.inserting_after(insert_point):
-                wq = _weight_placeholder(graph, f"{linear.weight.name}_fp8")
+                wq = _weight_placeholder(graph, f"{stem}_weight_fp8")
             with graph.inserting_after(wq):
-                ws = _weight_placeholder(graph, f"{linear.weight.name}_scale")
+                ws = _weight_placeholder(graph, f"{stem}_weight_scale")
             insert_point = ws
             fp8_weights[linear.weight] = (wq, ws)
             slots.append(WeightSlot(input_index[linear.weight], config.granularity))
@@ -189,17 +195,18 @@ def rewrite_linears(gm: torch.fx.GraphModule, config: FP8Config) -> RewriteResul
 
         with graph.inserting_before(node):
             if action == "weight_only":
-                new = graph.call_function(torch.ops.fp8_fx.weight_only_linear.default,
-                                          (linear.x, wq, ws, linear.bias))
+                new = _call(graph, torch.ops.fp8_fx.weight_only_linear.default,
+                            (linear.x, wq, ws, linear.bias), stem)
             else:
                 if linear.x not in fp8_inputs:  # q, k and v share one quantization
-                    quant = graph.call_function(torch.ops.fp8_fx.quantize.default,
-                                                (linear.x, config.granularity))
-                    fp8_inputs[linear.x] = (graph.call_function(operator.getitem, (quant, 0)),
-                                            graph.call_function(operator.getitem, (quant, 1)))
+                    x_name = linear.x.name
+                    quant = _call(graph, torch.ops.fp8_fx.quantize.default,
+                                  (linear.x, config.granularity), f"{x_name}_quantized")
+                    fp8_inputs[linear.x] = (_call(graph, operator.getitem, (quant, 0), f"{x_name}_fp8"),
+                                            _call(graph, operator.getitem, (quant, 1), f"{x_name}_scale"))
                 xq, xs = fp8_inputs[linear.x]
-                new = graph.call_function(_OP_FOR_ACTION[action],
-                                          (xq, xs, wq, ws, linear.bias, _example(node).dtype))
+                new = _call(graph, _OP_FOR_ACTION[action],
+                            (xq, xs, wq, ws, linear.bias, _example(node).dtype), stem)
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)

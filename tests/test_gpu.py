@@ -1,0 +1,81 @@
+"""On a GPU with FP8 tensor cores (sm89+): the scaled_mm path against the emulation,
+and the whole backend. Skipped elsewhere; run with `pytest -m gpu` on the GPU."""
+import pytest
+import torch
+
+from fp8_fx import FP8Config, make_fp8_backend, ops
+from reference import reference_fp8_linear, rel_err
+from wan_like import WanLikeModel, targeted_qualnames
+
+pytestmark = pytest.mark.gpu
+CUDA = "cuda"
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("shape", [(256, 512), (2, 77, 512), (0, 512)])
+def test_scaled_mm_equals_emulation(granularity, dtype, with_bias, shape):
+    x = torch.randn(shape, device=CUDA, dtype=dtype) * 3
+    w = (torch.randn(384, 512, device=CUDA) / 20).to(dtype)
+    b = torch.randn(384, device=CUDA, dtype=dtype) if with_bias else None
+    xq, xs = ops.quantize(x, granularity)
+    wq, ws = ops.quantize_weight(w, granularity)
+    y = torch.ops.fp8_fx.scaled_mm(xq, xs, wq, ws, b, dtype)
+    emu = torch.ops.fp8_fx.emulated_scaled_mm(xq, xs, wq, ws, b, dtype)
+    assert y.dtype == dtype and y.shape == (*shape[:-1], 384)
+    if y.numel():
+        # Same fp8 products, fp32 accumulation in another order, one final rounding.
+        tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 8e-3}[dtype]
+        assert rel_err(y, emu) < tol
+        assert rel_err(y, reference_fp8_linear(x.cpu(), w.cpu(), b.cpu() if b is not None else None,
+                                               granularity).to(CUDA)) < tol
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+def test_backend_on_wan_like_model(granularity):
+    torch.manual_seed(0)
+    model = WanLikeModel("diffusers", dim=256, ffn_dim=512, heads=4, in_dim=64).to(CUDA, torch.bfloat16).eval()
+    x = torch.randn(2, 128, 64, device=CUDA, dtype=torch.bfloat16)
+    ctx = torch.randn(2, 32, 256, device=CUDA, dtype=torch.bfloat16)
+    backend = make_fp8_backend(FP8Config(granularity=granularity))
+    with torch.no_grad():
+        y = torch.compile(model, backend=backend, fullgraph=True)(x, ctx)
+        hooks = [model.get_submodule(n).register_forward_hook(
+            lambda m, a, o: reference_fp8_linear(a[0], m.weight, m.bias, granularity).to(o.dtype))
+            for n in targeted_qualnames("diffusers")]
+        ref = model(x, ctx)
+        for h in hooks:
+            h.remove()
+        unquantized = model(x, ctx)
+    assert [d.qualname for d in backend.report if d.action == "scaled_mm"] == targeted_qualnames("diffusers")
+    assert all("sm" in d.reason for d in backend.report if d.action == "scaled_mm")
+    assert rel_err(y, ref) < 2e-2  # bf16 activations between layers round differently
+    assert rel_err(y, unquantized) > rel_err(y, ref) / 4
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+def test_nan_propagates_on_tensor_cores(granularity):
+    x = torch.randn(8, 64, device=CUDA, dtype=torch.bfloat16)
+    x[3, 7] = float("inf")
+    w = torch.randn(32, 64, device=CUDA, dtype=torch.bfloat16)
+    xq, xs = ops.quantize(x, granularity)
+    wq, ws = ops.quantize_weight(w, granularity)
+    y = torch.ops.fp8_fx.scaled_mm(xq, xs, wq, ws, None, torch.bfloat16)
+    assert not torch.isfinite(y[3]).any()
+    if granularity == "tensor":
+        assert not torch.isfinite(y).any()  # never silent zeros
+
+
+def test_second_instance_and_weight_cache_on_gpu():
+    backend = make_fp8_backend()
+    x = torch.randn(1, 64, 64, device=CUDA, dtype=torch.bfloat16)
+    ctx = torch.randn(1, 16, 32, device=CUDA, dtype=torch.bfloat16)
+    outs = []
+    models = [WanLikeModel("wan").to(CUDA, torch.bfloat16).eval() for _ in range(2)]
+    with torch.no_grad():
+        for m in models:
+            outs.append((torch.compile(m, backend=backend)(x, ctx), m(x, ctx)))
+    for y, eager in outs:
+        assert rel_err(y, eager) < 0.1
+    assert rel_err(outs[0][0], outs[1][0]) > 0.3
