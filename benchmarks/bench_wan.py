@@ -1,0 +1,231 @@
+"""Side-by-side Wan DiT benchmark on one GPU: bf16 eager / compile, torchao FP8, fp8_fx.
+
+    python benchmarks/bench_wan.py --model 14B --scope block --tokens 32760
+
+One process, one GPU. Variants are compiled first, then timed interleaved
+(A B C A B C ...) because the attention kernel alone drifts ~6% between runs; each
+row reports the median and spread, non-attention and GEMM kernel time from one
+profiled forward, kernel launches, compile time, peak memory and fidelity against
+bf16 eager. Rows are appended to benchmarks/results/<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import fp8_fx
+from fp8_fx.qualname import matching_suffix
+
+SIZES = {  # Wan 2.1 T2V: dim, ffn_dim, heads, layers
+    "1.3B": (1536, 8960, 12, 30),
+    "14B": (5120, 13824, 40, 40),
+}
+LATENT = {32760: (21, 60, 104), 75600: (21, 90, 160)}  # 480p / 720p, 81 frames
+TEXT_TOKENS = 512
+VARIANTS = ("bf16_eager", "bf16_compile", "fp8_fx_tensor", "fp8_fx_row", "torchao_tensor", "torchao_row")
+ATTENTION = re.compile(r"flash|fmha|attention|sdpa|cudnn", re.I)
+GEMM = re.compile(r"gemm|nvjet|cutlass|xmma|cublas|scaled_mm|sm90_", re.I)
+
+
+class OneBlock(nn.Module):
+    """One diffusers WanTransformerBlock under `blocks.0`, so qualnames match the full DiT."""
+
+    def __init__(self, dim, ffn_dim, heads):
+        super().__init__()
+        from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+        self.blocks = nn.ModuleList([WanTransformerBlock(dim, ffn_dim, heads, "rms_norm_across_heads",
+                                                         cross_attn_norm=True, eps=1e-6)])
+
+    def forward(self, x, context, timestep_proj, rotary_emb):
+        return self.blocks[0](x, context, timestep_proj, rotary_emb)
+
+
+def build(model: str, scope: str, tokens: int, device="cuda"):
+    from diffusers import WanTransformer3DModel
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+    dim, ffn_dim, heads, layers = SIZES[model]
+    frames, h, w = LATENT[tokens]
+    torch.manual_seed(0)
+    with torch.device(device):
+        if scope == "block":
+            net = OneBlock(dim, ffn_dim, heads).to(torch.bfloat16).eval()
+            rope = WanRotaryPosEmbed(dim // heads, (1, 2, 2), 1024)
+            latent = torch.empty(1, 16, frames, h * 2, w * 2)
+            inputs = (torch.randn(1, tokens, dim, dtype=torch.bfloat16),
+                      torch.randn(1, TEXT_TOKENS, dim, dtype=torch.bfloat16),
+                      torch.randn(1, 6, dim, dtype=torch.float32) * 0.1,
+                      rope(latent))
+        else:
+            net = WanTransformer3DModel(num_attention_heads=heads, attention_head_dim=dim // heads,
+                                        ffn_dim=ffn_dim, num_layers=layers).to(torch.bfloat16).eval()
+            inputs = (torch.randn(1, 16, frames, h * 2, w * 2, dtype=torch.bfloat16),
+                      torch.tensor([500]), torch.randn(1, TEXT_TOKENS, 4096, dtype=torch.bfloat16))
+    return net, inputs
+
+
+def torchao_model(net, granularity):
+    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor,
+                                      quantize_)
+    targets = fp8_fx.FP8Config().targets
+    net = copy.deepcopy(net)
+    g = PerRow() if granularity == "row" else PerTensor()
+    quantize_(net, Float8DynamicActivationFloat8WeightConfig(granularity=g),
+              filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and matching_suffix(fqn, targets))
+    return torch.compile(net)
+
+
+def make_variant(name, net):
+    """(callable, backend or None). Non-torchao variants share `net` (same weights)."""
+    if name == "bf16_eager":
+        return net, None
+    if name == "bf16_compile":
+        return torch.compile(net), None
+    if name.startswith("fp8_fx_"):
+        backend = fp8_fx.make_fp8_backend(fp8_fx.FP8Config(granularity=name.rsplit("_", 1)[1]))
+        return torch.compile(net, backend=backend), backend
+    if name.startswith("torchao_"):
+        return torchao_model(net, name.rsplit("_", 1)[1]), None
+    raise ValueError(name)
+
+
+def cuda_ms(fn, iters):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def kernel_profile(fn):
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    total = attn = gemm = 0.0
+    launches = 0
+    names = {}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        ms = e.device_time / 1e3
+        launches += 1
+        total += ms
+        names[e.name] = names.get(e.name, 0.0) + ms
+        if ATTENTION.search(e.name):
+            attn += ms
+        elif GEMM.search(e.name):
+            gemm += ms
+    return dict(nonattn_ms=total - attn, gemm_ms=gemm, attn_ms=attn, launches=launches,
+                kernels=sorted(names.items(), key=lambda kv: -kv[1]))
+
+
+def fidelity(y, ref):
+    y, ref = y.double().flatten(), ref.double().flatten()
+    rel = ((y - ref).norm() / ref.norm()).item()
+    cos = torch.nn.functional.cosine_similarity(y, ref, dim=0).item()
+    return rel, cos
+
+
+def first(out):
+    return out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
+
+
+def bench(model, scope, tokens, variants, repeats, iters, log):
+    net, inputs = build(model, scope, tokens)
+    kwargs = {"return_dict": False} if scope == "full" else {}
+    rows, fns, ref = {}, {}, None
+    with torch.no_grad():
+        for name in variants:  # compile (first call) one by one; torchao last: it changes global config
+            fn, backend = make_variant(name, net)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            out = first(fn(*inputs, **kwargs))
+            torch.cuda.synchronize()
+            compile_s = time.perf_counter() - t0
+            if ref is None:
+                ref = first(net(*inputs, **kwargs)) if name != "bf16_eager" else out
+            rel, cos = fidelity(out, ref)
+            fns[name] = lambda fn=fn: fn(*inputs, **kwargs)
+            fns[name]()  # warm
+            prof = kernel_profile(fns[name])
+            rows[name] = dict(model=model, scope=scope, tokens=tokens, variant=name,
+                              compile_s=round(compile_s, 2),
+                              peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                              rel_err=rel, cosine=cos,
+                              nonattn_ms=round(prof["nonattn_ms"], 3), gemm_ms=round(prof["gemm_ms"], 3),
+                              attn_ms=round(prof["attn_ms"], 3), launches=prof["launches"])
+            log.write(f"\n## {model} {scope} {tokens} {name}: top kernels\n")
+            for k, ms in prof["kernels"][:25]:
+                log.write(f"{ms:9.3f} ms  {k[:160]}\n")
+            if backend is not None:
+                log.write(str(backend.report) + "\n")
+            del out
+            print(f"compiled {name}: {compile_s:.1f}s", flush=True)
+        times = {n: [] for n in variants}
+        for _ in range(repeats):  # interleaved
+            for name in variants:
+                times[name].append(cuda_ms(fns[name], iters))
+    base = statistics.median(times["bf16_compile"]) if "bf16_compile" in times else None
+    for name in variants:
+        med = statistics.median(times[name])
+        rows[name].update(ms=round(med, 3), spread_ms=round(max(times[name]) - min(times[name]), 3),
+                          speedup=round(base / med, 3) if base else None)
+    del fns, net
+    torch.cuda.empty_cache()
+    return list(rows.values())
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="14B", help="comma list of 1.3B,14B")
+    p.add_argument("--scope", default="block", help="comma list of block,full")
+    p.add_argument("--tokens", default="32760", help="comma list of 32760,75600")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<device>.json)")
+    p.add_argument("--log", default=os.environ.get("OUT", ".") + "/bench_kernels.log")
+    args = p.parse_args()
+    variants = args.variants.split(",")
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    if not torch.cuda.is_available():
+        p.error("this benchmark needs a CUDA GPU")
+    device = torch.cuda.get_device_name().replace(" ", "_")
+    out = Path(args.out or Path(__file__).parent / "results" / f"{device}.json")
+    rows = []
+    with open(args.log, "a") as log:
+        for model in args.model.split(","):
+            for scope in args.scope.split(","):
+                for tokens in map(int, args.tokens.split(",")):
+                    rows += bench(model, scope, tokens, variants, args.repeats, args.iters, log)
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                date=datetime.date.today().isoformat(), command="python " + " ".join(os.sys.argv))
+    for r in rows:
+        r.update(meta)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(out.read_text())["rows"] if out.exists() else []
+    out.write_text(json.dumps({"rows": old + rows}, indent=1))
+    cols = ("model", "scope", "tokens", "variant", "ms", "spread_ms", "speedup", "nonattn_ms", "gemm_ms",
+            "launches", "compile_s", "peak_gib", "rel_err", "cosine")
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+
+
+if __name__ == "__main__":
+    main()

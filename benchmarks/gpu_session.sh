@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One device call: install carried wheels, run the whole test suite (CPU tests under the
+# GPU machine's torch, plus the GPU tests), then the benchmark rows named in $BENCH_ARGS.
+set -uo pipefail
+OUT=${OUT:-out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "editable install failed"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, torchao, diffusers; print('torch', torch.__version__, 'torchao', torchao.__version__, 'diffusers', diffusers.__version__)" 2>&1 | tail -1 | tee -a "$OUT/gpu.txt"
+if [ "${RUN_TESTS:-1}" = 1 ]; then
+  python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -25 | tee "$OUT/pytest.txt"
+fi
+if [ -n "${BENCH_ARGS:-}" ]; then
+  python3 benchmarks/bench_wan.py $BENCH_ARGS --out "$OUT/results.json" --log "$OUT/bench_kernels.log" 2>&1 \
+    | grep -v -i "warn\|torchao\|register_constant" | tee "$OUT/bench.txt"
+fi
