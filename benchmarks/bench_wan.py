@@ -30,7 +30,7 @@ SIZES = {  # Wan 2.1 T2V: dim, ffn_dim, heads, layers
     "1.3B": (1536, 8960, 12, 30),
     "14B": (5120, 13824, 40, 40),
 }
-LATENT = {32760: (21, 60, 104), 75600: (21, 90, 160)}  # 480p / 720p, 81 frames
+LATENT = {32760: (21, 60, 104), 75600: (21, 90, 160)}  # latent grids of 480p / 720p, 81 frames
 TEXT_TOKENS = 512
 VARIANTS = ("bf16_eager", "bf16_compile", "fp8_fx_tensor", "fp8_fx_row", "torchao_tensor", "torchao_row")
 ATTENTION = re.compile(r"flash|fmha|attention|sdpa|cudnn", re.I)
@@ -60,7 +60,7 @@ def build(model: str, scope: str, tokens: int, device="cuda"):
         if scope == "block":
             net = OneBlock(dim, ffn_dim, heads).to(torch.bfloat16).eval()
             rope = WanRotaryPosEmbed(dim // heads, (1, 2, 2), 1024)
-            latent = torch.empty(1, 16, frames, h * 2, w * 2)
+            latent = torch.empty(1, 16, frames, h, w)
             inputs = (torch.randn(1, tokens, dim, dtype=torch.bfloat16),
                       torch.randn(1, TEXT_TOKENS, dim, dtype=torch.bfloat16),
                       torch.randn(1, 6, dim, dtype=torch.float32) * 0.1,
@@ -68,7 +68,7 @@ def build(model: str, scope: str, tokens: int, device="cuda"):
         else:
             net = WanTransformer3DModel(num_attention_heads=heads, attention_head_dim=dim // heads,
                                         ffn_dim=ffn_dim, num_layers=layers).to(torch.bfloat16).eval()
-            inputs = (torch.randn(1, 16, frames, h * 2, w * 2, dtype=torch.bfloat16),
+            inputs = (torch.randn(1, 16, frames, h, w, dtype=torch.bfloat16),
                       torch.tensor([500]), torch.randn(1, TEXT_TOKENS, 4096, dtype=torch.bfloat16))
     return net, inputs
 

@@ -9,7 +9,8 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/n
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, torchao, diffusers; print('torch', torch.__version__, 'torchao', torchao.__version__, 'diffusers', diffusers.__version__)" 2>&1 | tail -1 | tee -a "$OUT/gpu.txt"
 if [ "${RUN_TESTS:-1}" = 1 ]; then
-  python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tail -25 | tee "$OUT/pytest.txt"
+  python3 -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-tests} > "$OUT/pytest.txt" 2>&1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.txt" | tail -40
 fi
 if [ -n "${BENCH_ARGS:-}" ]; then
   python3 benchmarks/bench_wan.py $BENCH_ARGS --out "$OUT/results.json" --log "$OUT/bench_kernels.log" 2>&1 \

@@ -77,23 +77,38 @@ def _as_2d(xq: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor):
     return xq2d, x_scale, w_scale
 
 
+def _mm_dtype(x_scale: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.dtype:
+    # cuBLAS row-wise scaling only writes bf16; tensor-wise writes any float type.
+    rowwise = x_scale.dim() > 0 or w_scale.dim() > 0
+    return torch.bfloat16 if rowwise else out_dtype
+
+
+def _fusable_bias(bias: Optional[torch.Tensor], mm_dtype: torch.dtype) -> bool:
+    """Whether the GEMM epilogue adds the bias (in fp32, before its one rounding)."""
+    return bias is not None and bias.dtype == mm_dtype
+
+
+def _finish(y: torch.Tensor, bias: Optional[torch.Tensor], mm_dtype: torch.dtype,
+            out_dtype: torch.dtype, out_shape) -> torch.Tensor:
+    """y: the GEMM's result in mm_dtype. Adds a bias the epilogue could not take."""
+    if bias is not None and not _fusable_bias(bias, mm_dtype):
+        y = (y.float() + bias.float()).to(mm_dtype)
+    return y.to(out_dtype).reshape(out_shape)
+
+
 def _scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
                bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
     """FP8 tensor-core GEMM: xq (..., K) @ wq (N, K).T with fp32 scales."""
     out_shape = (*xq.shape[:-1], wq.shape[0])
     xq2d, scale_a, scale_b = _as_2d(xq, x_scale, w_scale)
-    # cuBLAS row-wise scaling only writes bf16; tensor-wise writes any float type.
-    rowwise = scale_a.dim() > 0 or scale_b.dim() > 0
-    mm_dtype = torch.bfloat16 if rowwise else out_dtype
-    fused_bias = bias if bias is not None and bias.dtype == mm_dtype else None
+    mm_dtype = _mm_dtype(x_scale, w_scale, out_dtype)
     if xq2d.shape[0] == 0:
         y = xq2d.new_empty((0, wq.shape[0]), dtype=mm_dtype)
     else:
         y = torch._scaled_mm(xq2d, wq.t(), scale_a=scale_a, scale_b=scale_b,
-                             bias=fused_bias, out_dtype=mm_dtype)
-    if bias is not None and fused_bias is None:
-        y = (y.float() + bias.float()).to(mm_dtype)
-    return y.to(out_dtype).reshape(out_shape)
+                             bias=bias if _fusable_bias(bias, mm_dtype) else None,
+                             out_dtype=mm_dtype)
+    return _finish(y, bias, mm_dtype, out_dtype, out_shape)
 
 
 _define("scaled_mm(Tensor xq, Tensor x_scale, Tensor wq, Tensor w_scale, Tensor? bias, "
@@ -104,14 +119,16 @@ _define("scaled_mm(Tensor xq, Tensor x_scale, Tensor wq, Tensor w_scale, Tensor?
 def _emulated_scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor,
                         w_scale: torch.Tensor, bias: Optional[torch.Tensor],
                         out_dtype: torch.dtype) -> torch.Tensor:
-    """The scaled_mm recipe in fp32 on any device: fp8 x fp8 products are exact in fp32,
-    sums accumulate in fp32, scales apply after the sum, as on FP8 tensor cores."""
+    """scaled_mm's numerics in fp32 on any device: fp8 x fp8 products are exact in fp32,
+    sums accumulate in fp32, scales apply after the sum, then the same epilogue
+    (bias, rounding to the GEMM's output dtype) as on FP8 tensor cores."""
     out_shape = (*xq.shape[:-1], wq.shape[0])
     xq2d, scale_a, scale_b = _as_2d(xq, x_scale, w_scale)
+    mm_dtype = _mm_dtype(x_scale, w_scale, out_dtype)
     y = (xq2d.float() @ wq.float().t()) * (scale_a * scale_b)
-    if bias is not None:
+    if _fusable_bias(bias, mm_dtype):
         y = y + bias.float()
-    return y.to(out_dtype).reshape(out_shape)
+    return _finish(y.to(mm_dtype), bias, mm_dtype, out_dtype, out_shape)
 
 
 _define("emulated_scaled_mm(Tensor xq, Tensor x_scale, Tensor wq, Tensor w_scale, Tensor? bias, "

@@ -8,7 +8,8 @@ import torch.nn as nn
 
 import fp8_fx
 from fp8_fx import FP8Config, make_fp8_backend
-from reference import (reference_fp8_linear, reference_weight_only_linear, rel_err)
+from reference import (output_tolerance, reference_fp8_linear, reference_weight_only_linear,
+                       rel_err)
 from wan_like import WanLikeModel, targeted_qualnames
 
 # Targets for the one-linear module below.
@@ -53,8 +54,7 @@ def test_emulate_equals_fp64_reference_of_recipe(granularity, dtype):
     assert y.dtype == dtype and y.shape == (2, 24, 48)
     lin = model.attn1.to_q
     ref = reference_fp8_linear(x, lin.weight, lin.bias, granularity)
-    tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 4e-3}[dtype]
-    assert rel_err(y, ref) < tol  # equal up to the output dtype's rounding
+    assert rel_err(y, ref) < output_tolerance(dtype, granularity)  # equal up to one rounding
     assert rel_err(y, exact(model, x)) > 5e-3  # and it did quantize: realistic FP8 error
     assert rel_err(y, exact(model, x)) < 0.1
 
@@ -98,8 +98,9 @@ def test_wan_like_model_matches_reference_model(scheme, granularity):
         h.remove()
     with torch.no_grad():
         unquantized = model(x, ctx)
-    assert rel_err(y, ref) < 1e-4
-    assert rel_err(y, unquantized) > 1e-3
+    # fp32 model: tensor-wise GEMMs round to fp32, row-wise ones to bf16 (see ops.py).
+    assert rel_err(y, ref) < (1e-4 if granularity == "tensor" else 1e-2)
+    assert rel_err(y, unquantized) > 3 * rel_err(y, ref)
 
 
 def test_qkv_share_one_activation_quantization():
@@ -228,7 +229,7 @@ def test_nan_and_inf_propagate_not_zeroed(granularity, bad):
     assert not torch.isfinite(y[1]).any()  # the bad token is poisoned, as in bf16
     if granularity == "row":  # per-token scales: the other tokens are unaffected
         ref = reference_fp8_linear(x[[0, 2, 3]], model.attn1.to_q.weight, model.attn1.to_q.bias, "row")
-        assert rel_err(y[[0, 2, 3]], ref) < 1e-6
+        assert rel_err(y[[0, 2, 3]], ref) < output_tolerance(x.dtype, "row")
     else:  # one scale for the tensor: every output is non-finite, never a silent zero
         assert not torch.isfinite(y).any()
 

@@ -25,11 +25,13 @@ def test_scaled_mm_equals_emulation(granularity, dtype, with_bias, shape):
     emu = torch.ops.fp8_fx.emulated_scaled_mm(xq, xs, wq, ws, b, dtype)
     assert y.dtype == dtype and y.shape == (*shape[:-1], 384)
     if y.numel():
-        # Same fp8 products, fp32 accumulation in another order, one final rounding.
-        tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 8e-3}[dtype]
+        # Same fp8 products and epilogue; only the accumulation order differs, which
+        # moves a few outputs by one ulp of the GEMM's output dtype (bf16 for rows).
+        out = torch.bfloat16 if granularity == "row" else dtype
+        tol = {torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 4e-3}[out]
         assert rel_err(y, emu) < tol
-        assert rel_err(y, reference_fp8_linear(x.cpu(), w.cpu(), b.cpu() if b is not None else None,
-                                               granularity).to(CUDA)) < tol
+        ref = reference_fp8_linear(x.cpu(), w.cpu(), b.cpu() if b is not None else None, granularity)
+        assert rel_err(y, ref.to(CUDA)) < tol + 4e-3 * (out != dtype)
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "row"])
@@ -69,7 +71,7 @@ def test_nan_propagates_on_tensor_cores(granularity):
 
 def test_second_instance_and_weight_cache_on_gpu():
     backend = make_fp8_backend()
-    x = torch.randn(1, 64, 64, device=CUDA, dtype=torch.bfloat16)
+    x = torch.randn(1, 64, 16, device=CUDA, dtype=torch.bfloat16)
     ctx = torch.randn(1, 16, 32, device=CUDA, dtype=torch.bfloat16)
     outs = []
     models = [WanLikeModel("wan").to(CUDA, torch.bfloat16).eval() for _ in range(2)]
