@@ -50,6 +50,12 @@ class FP8Backend:
 
         slots = result.weight_slots
         example_fp8 = self.weights.quantized_inputs(example_inputs, slots)
+        # Hand Inductor fake tensors with static shapes for the new inputs: fakified by
+        # AOTAutograd they would get fresh symbolic sizes with no Dynamo source, and a
+        # guard on one (e.g. _scaled_mm's K % 16 check) breaks Dynamo's guard building.
+        fake_mode = torch._guards.detect_fake_mode(example_inputs)
+        if fake_mode is not None:
+            example_fp8 = [fake_mode.from_tensor(t, static_shapes=True) for t in example_fp8]
         compiled = compile_fx(gm, [*example_inputs, *example_fp8],
                               config_patches=self.inductor_config_patches or None)
         if not slots:

@@ -84,8 +84,9 @@ def _mm_dtype(x_scale: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dty
 
 
 def _fusable_bias(bias: Optional[torch.Tensor], mm_dtype: torch.dtype) -> bool:
-    """Whether the GEMM epilogue adds the bias (in fp32, before its one rounding)."""
-    return bias is not None and bias.dtype == mm_dtype
+    """Whether the GEMM epilogue adds the bias (in fp32, before its one rounding).
+    cuBLAS takes a bias only for a bf16/fp16 output of the bias's own dtype."""
+    return bias is not None and bias.dtype == mm_dtype and mm_dtype != torch.float32
 
 
 def _finish(y: torch.Tensor, bias: Optional[torch.Tensor], mm_dtype: torch.dtype,

@@ -25,13 +25,14 @@ def test_scaled_mm_equals_emulation(granularity, dtype, with_bias, shape):
     emu = torch.ops.fp8_fx.emulated_scaled_mm(xq, xs, wq, ws, b, dtype)
     assert y.dtype == dtype and y.shape == (*shape[:-1], 384)
     if y.numel():
-        # Same fp8 products and epilogue; only the accumulation order differs, which
-        # moves a few outputs by one ulp of the GEMM's output dtype (bf16 for rows).
+        # Same fp8 products and epilogue; the accumulation order (and Hopper's FP8
+        # accumulator, a little short of fp32) moves some outputs by an ulp of the GEMM's
+        # output dtype (bf16 for rows).
         out = torch.bfloat16 if granularity == "row" else dtype
-        tol = {torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 4e-3}[out]
+        tol = {torch.float32: 5e-4, torch.float16: 2e-3, torch.bfloat16: 8e-3}[out]
         assert rel_err(y, emu) < tol
         ref = reference_fp8_linear(x.cpu(), w.cpu(), b.cpu() if b is not None else None, granularity)
-        assert rel_err(y, ref.to(CUDA)) < tol + 4e-3 * (out != dtype)
+        assert rel_err(y, ref.to(CUDA)) < tol
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "row"])
