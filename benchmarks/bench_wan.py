@@ -33,8 +33,18 @@ SIZES = {  # Wan 2.1 T2V: dim, ffn_dim, heads, layers
 LATENT = {32760: (21, 60, 104), 75600: (21, 90, 160)}  # latent grids of 480p / 720p, 81 frames
 TEXT_TOKENS = 512
 VARIANTS = ("bf16_eager", "bf16_compile", "fp8_fx_tensor", "fp8_fx_row", "torchao_tensor", "torchao_row")
-ATTENTION = re.compile(r"flash|fmha|attention|sdpa|cudnn", re.I)
-GEMM = re.compile(r"gemm|nvjet|cutlass|xmma|cublas|scaled_mm|sm90_", re.I)
+# Library kernels only: Inductor's Triton kernels carry fused op names such as
+# `triton_poi_fused__scaled_mm_...` or `..._scaled_dot_product_cudnn_attention_...`.
+ATTENTION = re.compile(r"flash|fmha|attention|sdpa", re.I)
+GEMM = re.compile(r"gemm|nvjet|cutlass|xmma|cublas", re.I)
+
+
+def kernel_kind(name: str) -> str:
+    if name.startswith("triton"):
+        return "triton"
+    if ATTENTION.search(name):
+        return "attention"
+    return "gemm" if GEMM.search(name) else "other"
 
 
 class OneBlock(nn.Module):
@@ -123,9 +133,10 @@ def kernel_profile(fn):
         launches += 1
         total += ms
         names[e.name] = names.get(e.name, 0.0) + ms
-        if ATTENTION.search(e.name):
+        kind = kernel_kind(e.name)
+        if kind == "attention":
             attn += ms
-        elif GEMM.search(e.name):
+        elif kind == "gemm":
             gemm += ms
     return dict(nonattn_ms=total - attn, gemm_ms=gemm, attn_ms=attn, launches=launches,
                 kernels=sorted(names.items(), key=lambda kv: -kv[1]))

@@ -14,5 +14,5 @@ if [ "${RUN_TESTS:-1}" = 1 ]; then
 fi
 if [ -n "${BENCH_ARGS:-}" ]; then
   python3 benchmarks/bench_wan.py $BENCH_ARGS --out "$OUT/results.json" --log "$OUT/bench_kernels.log" 2>&1 \
-    | grep -v -i "warn\|torchao\|register_constant" | tee "$OUT/bench.txt"
+    | grep -v -i "warning\|register_constant\|Configuration class" | tee "$OUT/bench.txt"
 fi

@@ -53,12 +53,15 @@ class FP8Config:
     fallback: what a targeted layer becomes where FP8 tensor cores are missing:
         "weight_only" keeps FP8 weights and multiplies in the activation dtype;
         "emulate" reproduces the FP8 path's numerics in fp32 on any device.
+    fast_accum: let FP8 tensor-core GEMMs accumulate without periodic fp32 promotion
+        (faster; torchao's inference default). False gives sums as exact as "emulate".
     """
 
     granularity: Granularity = "tensor"
     targets: Tuple[str, ...] = WAN_TARGETS
     exclude: Tuple[str, ...] = ()
     fallback: Fallback = "weight_only"
+    fast_accum: bool = True
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:

@@ -205,8 +205,10 @@ def rewrite_linears(gm: torch.fx.GraphModule, config: FP8Config) -> RewriteResul
                     fp8_inputs[linear.x] = (_call(graph, operator.getitem, (quant, 0), f"{x_name}_fp8"),
                                             _call(graph, operator.getitem, (quant, 1), f"{x_name}_scale"))
                 xq, xs = fp8_inputs[linear.x]
-                new = _call(graph, _OP_FOR_ACTION[action],
-                            (xq, xs, wq, ws, linear.bias, _example(node).dtype), stem)
+                args = (xq, xs, wq, ws, linear.bias, _example(node).dtype)
+                if action == "scaled_mm":
+                    args += (config.fast_accum,)
+                new = _call(graph, _OP_FOR_ACTION[action], args, stem)
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
