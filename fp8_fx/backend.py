@@ -49,6 +49,7 @@ class FP8Backend:
                 "model under torch.no_grad() or torch.inference_mode().")
 
         slots = result.weight_slots
+        _check_no_meta_weights(result, example_inputs)
         example_fp8 = self.weights.quantized_inputs(example_inputs, slots)
         # Hand Inductor fake tensors with static shapes for the new inputs: fakified by
         # AOTAutograd they would get fresh symbolic sizes with no Dynamo source, and a
@@ -76,6 +77,15 @@ class FP8Backend:
                 f"targets {self.config.targets}; they stay in their original precision. "
                 "Check FP8Config.targets against backend.report (qualnames).",
                 stacklevel=2)
+
+
+def _check_no_meta_weights(result: RewriteResult, example_inputs: Sequence[Any]) -> None:
+    for slot in result.weight_slots:
+        if example_inputs[slot.input_index].device.type == "meta":
+            raise ValueError(
+                "fp8_fx: a targeted weight is on the meta device, so there is nothing to "
+                "quantize. Load real weights before compiling (from_pretrained(...), "
+                "load_state_dict(state, assign=True), or to_empty(device=...) and then load).")
 
 
 def make_fp8_backend(config: Optional[FP8Config] = None,

@@ -34,10 +34,6 @@ _OP_FOR_ACTION = {
 }
 
 
-class MetaWeightError(ValueError):
-    pass
-
-
 @dataclasses.dataclass(frozen=True)
 class WeightSlot:
     """Graph input `input_index` (a bf16 weight) is fed quantized as two extra inputs."""
@@ -87,8 +83,11 @@ def _device_name(device: torch.device) -> str:
     return str(device)
 
 
-def decide(linear: _Linear, qualname: Optional[str], config: FP8Config) -> Tuple[str, str]:
-    """(action, reason) for one linear op. Pure: reads only the node metadata and config."""
+def decide(linear: _Linear, qualname: Optional[str], config: FP8Config,
+           fp8_tensor_cores: Optional[bool] = None) -> Tuple[str, str]:
+    """(action, reason) for one linear op. Pure: reads only the node metadata and config.
+    fp8_tensor_cores: None asks the weight's device; True/False decides as if on one
+    (`python -m fp8_fx inspect` shows a GPU's decisions on a CPU)."""
     if qualname is None:
         return "skipped", "no module path (F.linear called outside any module)"
     excluded = matching_suffix(qualname, config.exclude)
@@ -99,11 +98,6 @@ def decide(linear: _Linear, qualname: Optional[str], config: FP8Config) -> Tuple
     w = _example(linear.weight)
     if linear.weight.op != "placeholder" or w is None:
         return "skipped", "weight is computed in the graph, not a parameter"
-    if w.device.type == "meta":
-        raise MetaWeightError(
-            f"fp8_fx: the weight of {qualname} is on the meta device, so there is nothing to "
-            "quantize. Load real weights before compiling (e.g. from_pretrained(...), "
-            "load_state_dict(state, assign=True), or module.to_empty(device=...) and then load).")
     x = _example(linear.x)
     out = _example(linear.node)
     if w.dim() != 2 or x is None or out is None:
@@ -117,10 +111,14 @@ def decide(linear: _Linear, qualname: Optional[str], config: FP8Config) -> Tuple
     bad = [f"{name}={v}" for name, v in (("in_features", k), ("out_features", n)) if v % 16 or v == 0]
     if bad:
         return "skipped", f"{' and '.join(bad)} not a positive multiple of 16 (FP8 GEMM needs it)"
-    if ops.has_fp8_tensor_cores(w.device):
-        return "scaled_mm", f"FP8 tensor cores on {_device_name(w.device)}"
-    return config.fallback, (f"no FP8 tensor cores on {_device_name(w.device)}: "
-                             f"fallback={config.fallback!r}")
+    if fp8_tensor_cores is None:
+        fp8_tensor_cores = ops.has_fp8_tensor_cores(w.device)
+        where = _device_name(w.device)
+    else:
+        where = "the assumed device"
+    if fp8_tensor_cores:
+        return "scaled_mm", f"FP8 tensor cores on {where}"
+    return config.fallback, f"no FP8 tensor cores on {where}: fallback={config.fallback!r}"
 
 
 def _call(graph: torch.fx.Graph, target, args, name: str) -> torch.fx.Node:
@@ -154,7 +152,8 @@ def _copy_dynamo_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return new_gm
 
 
-def rewrite_linears(gm: torch.fx.GraphModule, config: FP8Config) -> RewriteResult:
+def rewrite_linears(gm: torch.fx.GraphModule, config: FP8Config,
+                    fp8_tensor_cores: Optional[bool] = None) -> RewriteResult:
     """Return a rewritten copy of `gm` and one decision per linear op, in graph order."""
     gm = _copy_dynamo_graph_module(gm)
     graph = gm.graph
@@ -172,7 +171,7 @@ def rewrite_linears(gm: torch.fx.GraphModule, config: FP8Config) -> RewriteResul
         if linear is None:
             continue
         qualname = node_qualname(node)
-        action, reason = decide(linear, qualname, config)
+        action, reason = decide(linear, qualname, config, fp8_tensor_cores)
         w = _example(linear.weight)
         decisions.append(LinearDecision(
             qualname=qualname or "", action=action, reason=reason,
@@ -204,6 +203,8 @@ def rewrite_linears(gm: torch.fx.GraphModule, config: FP8Config) -> RewriteResul
                                   (linear.x, config.granularity), f"{x_name}_quantized")
                     fp8_inputs[linear.x] = (_call(graph, operator.getitem, (quant, 0), f"{x_name}_fp8"),
                                             _call(graph, operator.getitem, (quant, 1), f"{x_name}_scale"))
+                    for n in (quant, *fp8_inputs[linear.x]):  # where it was inserted, for readers
+                        n.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
                 xq, xs = fp8_inputs[linear.x]
                 args = (xq, xs, wq, ws, linear.bias, _example(node).dtype)
                 if action == "scaled_mm":

@@ -169,3 +169,46 @@ def forward(self, L_x_ : torch.Tensor, L_self_modules_attn1_modules_to_q_paramet
     ffn_net_2 = torch.ops.fp8_fx.emulated_scaled_mm.default(gelu_fp8, gelu_scale, ffn_net_2_weight_fp8, ffn_net_2_weight_scale, l_self_modules_ffn_modules_net_modules_2_parameters_bias_, torch.float32);  gelu_fp8 = gelu_scale = ffn_net_2_weight_fp8 = ffn_net_2_weight_scale = l_self_modules_ffn_modules_net_modules_2_parameters_bias_ = None
     add_2 = x_1 + ffn_net_2;  x_1 = ffn_net_2 = None
     return (add_2,)""")
+
+
+class TestWanSnapshot(expecttest.TestCase):
+    def test_report_tiny_diffusers_wan(self):
+        import pytest
+        pytest.importorskip("diffusers")
+        from fp8_fx.inspect_graph import capture_graph
+        from fp8_fx.rewrite import rewrite_linears
+        from fp8_fx.report import format_table
+        from fp8_fx.wan import build_wan
+        model = build_wan("tiny")
+        gm = capture_graph(model, torch.randn(1, 16, 3, 16, 16, dtype=torch.bfloat16), torch.tensor([500]),
+                           torch.randn(1, 16, 64, dtype=torch.bfloat16), return_dict=False)
+        table = format_table(rewrite_linears(gm, FP8Config(fallback="emulate")).decisions)
+        self.assertExpectedInline(table, """\
+qualname                                   action   in   out  reason
+condition_embedder.time_embedder.linear_1  skipped  32   64   not targeted
+condition_embedder.time_embedder.linear_2  skipped  64   64   not targeted
+condition_embedder.time_proj               skipped  64   384  not targeted
+condition_embedder.text_embedder.linear_1  skipped  64   64   not targeted
+condition_embedder.text_embedder.linear_2  skipped  64   64   not targeted
+blocks.0.attn1.to_q                        emulate  64   64   no FP8 tensor cores on cpu: fallback='emulate'
+blocks.0.attn1.to_k                        emulate  64   64   no FP8 tensor cores on cpu: fallback='emulate'
+blocks.0.attn1.to_v                        emulate  64   64   no FP8 tensor cores on cpu: fallback='emulate'
+blocks.0.attn1.to_out.0                    emulate  64   64   no FP8 tensor cores on cpu: fallback='emulate'
+blocks.0.attn2.to_q                        emulate  64   64   no FP8 tensor cores on cpu: fallback='emulate'
+blocks.0.attn2.to_k                        emulate  64   64   no FP8 tensor cores on cpu: fallback='emulate'
+blocks.0.attn2.to_v                        emulate  64   64   no FP8 tensor cores on cpu: fallback='emulate'
+blocks.0.attn2.to_out.0                    emulate  64   64   no FP8 tensor cores on cpu: fallback='emulate'
+blocks.0.ffn.net.0.proj                    emulate  64   128  no FP8 tensor cores on cpu: fallback='emulate'
+blocks.0.ffn.net.2                         emulate  128  64   no FP8 tensor cores on cpu: fallback='emulate'
+blocks.1.attn1.to_q                        emulate  64   64   no FP8 tensor cores on cpu: fallback='emulate'
+blocks.1.attn1.to_k                        emulate  64   64   no FP8 tensor cores on cpu: fallback='emulate'
+blocks.1.attn1.to_v                        emulate  64   64   no FP8 tensor cores on cpu: fallback='emulate'
+blocks.1.attn1.to_out.0                    emulate  64   64   no FP8 tensor cores on cpu: fallback='emulate'
+blocks.1.attn2.to_q                        emulate  64   64   no FP8 tensor cores on cpu: fallback='emulate'
+blocks.1.attn2.to_k                        emulate  64   64   no FP8 tensor cores on cpu: fallback='emulate'
+blocks.1.attn2.to_v                        emulate  64   64   no FP8 tensor cores on cpu: fallback='emulate'
+blocks.1.attn2.to_out.0                    emulate  64   64   no FP8 tensor cores on cpu: fallback='emulate'
+blocks.1.ffn.net.0.proj                    emulate  64   128  no FP8 tensor cores on cpu: fallback='emulate'
+blocks.1.ffn.net.2                         emulate  128  64   no FP8 tensor cores on cpu: fallback='emulate'
+proj_out                                   skipped  64   64   not targeted
+(26 linears: 6 skipped, 20 emulate)""")
