@@ -6,12 +6,15 @@ from . import ops  # registers the fp8_fx torch.library ops
 from .backend import FP8Backend, fp8_backend, make_fp8_backend
 from .config import (DIFFUSERS_WAN_TARGETS, FASTVIDEO_WAN_TARGETS, ORIGINAL_WAN_TARGETS,
                      WAN_I2V_IMAGE_KV_TARGETS, WAN_TARGETS, FP8Config)
+from .fp8_weights import (FP8CheckpointError, FP8Linear, convert_to_fp8, fp8_weight_bytes,
+                          load_fp8_checkpoint, save_fp8_checkpoint)
 from .qualname import normalize_qualname
 from .report import LinearDecision, Report
 
 __all__ = [
     "FP8Backend", "FP8Config", "LinearDecision", "Report", "fp8_backend", "make_fp8_backend",
     "normalize_qualname", "ops", "WAN_TARGETS", "DIFFUSERS_WAN_TARGETS", "FASTVIDEO_WAN_TARGETS",
-    "ORIGINAL_WAN_TARGETS", "WAN_I2V_IMAGE_KV_TARGETS",
+    "ORIGINAL_WAN_TARGETS", "WAN_I2V_IMAGE_KV_TARGETS", "FP8Linear", "FP8CheckpointError",
+    "convert_to_fp8", "fp8_weight_bytes", "save_fp8_checkpoint", "load_fp8_checkpoint",
 ]
 __version__ = "0.1.0"

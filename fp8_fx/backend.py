@@ -43,7 +43,7 @@ class FP8Backend:
         gm = result.graph_module
         self.graphs.append(gm)
         self._warn_if_nothing_matched(result)
-        if result.weight_slots and torch.is_grad_enabled():
+        if result.converted and torch.is_grad_enabled():
             raise RuntimeError(
                 "fp8_fx is inference-only (its FP8 ops have no backward). Call the compiled "
                 "model under torch.no_grad() or torch.inference_mode().")

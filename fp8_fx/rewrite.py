@@ -58,6 +58,14 @@ class _Linear:
     x: torch.fx.Node
     weight: torch.fx.Node
     bias: Optional[torch.fx.Node]
+    scale: Optional[torch.fx.Node] = None  # set when the weight is already FP8 (FP8Linear)
+
+    @property
+    def at_rest_granularity(self) -> Optional[str]:
+        if self.scale is None:
+            return None
+        scale = _example(self.scale)
+        return "row" if scale is not None and scale.dim() > 0 else "tensor"
 
 
 def _example(node) -> Optional[torch.Tensor]:
@@ -66,7 +74,12 @@ def _example(node) -> Optional[torch.Tensor]:
 
 
 def _as_linear(node: torch.fx.Node) -> Optional[_Linear]:
-    if node.op != "call_function" or node.target not in _LINEAR_TARGETS:
+    if node.op != "call_function":
+        return None
+    if node.target is torch.ops.fp8_fx.weight_only_linear.default:  # an FP8Linear module
+        x, weight, scale, bias = node.args
+        return _Linear(node, x, weight, bias, scale)
+    if node.target not in _LINEAR_TARGETS:
         return None
     args = list(node.args) + [None] * (3 - len(node.args))
     x = node.kwargs.get("input", args[0])
@@ -88,6 +101,9 @@ def decide(linear: _Linear, qualname: Optional[str], config: FP8Config,
     """(action, reason) for one linear op. Pure: reads only the node metadata and config.
     fp8_tensor_cores: None asks the weight's device; True/False decides as if on one
     (`python -m fp8_fx inspect` shows a GPU's decisions on a CPU)."""
+    if linear.scale is not None:  # converted before compiling: no targeting decision left
+        return _device_action(linear.weight, config, fp8_tensor_cores,
+                              f"FP8 weights at rest ({linear.at_rest_granularity}); ")
     if qualname is None:
         return "skipped", "no module path (F.linear called outside any module)"
     excluded = matching_suffix(qualname, config.exclude)
@@ -111,14 +127,20 @@ def decide(linear: _Linear, qualname: Optional[str], config: FP8Config,
     bad = [f"{name}={v}" for name, v in (("in_features", k), ("out_features", n)) if v % 16 or v == 0]
     if bad:
         return "skipped", f"{' and '.join(bad)} not a positive multiple of 16 (FP8 GEMM needs it)"
+    return _device_action(linear.weight, config, fp8_tensor_cores)
+
+
+def _device_action(weight: torch.fx.Node, config: FP8Config, fp8_tensor_cores: Optional[bool],
+                   prefix: str = "") -> Tuple[str, str]:
+    w = _example(weight)
     if fp8_tensor_cores is None:
         fp8_tensor_cores = ops.has_fp8_tensor_cores(w.device)
         where = _device_name(w.device)
     else:
         where = "the assumed device"
     if fp8_tensor_cores:
-        return "scaled_mm", f"FP8 tensor cores on {where}"
-    return config.fallback, f"no FP8 tensor cores on {where}: fallback={config.fallback!r}"
+        return "scaled_mm", f"{prefix}FP8 tensor cores on {where}"
+    return config.fallback, f"{prefix}no FP8 tensor cores on {where}: fallback={config.fallback!r}"
 
 
 def _call(graph: torch.fx.Graph, target, args, name: str) -> torch.fx.Node:
@@ -164,7 +186,7 @@ def rewrite_linears(gm: torch.fx.GraphModule, config: FP8Config,
     decisions: List[LinearDecision] = []
     slots: List[WeightSlot] = []
     fp8_weights: Dict[torch.fx.Node, Tuple[torch.fx.Node, torch.fx.Node]] = {}
-    fp8_inputs: Dict[torch.fx.Node, Tuple[torch.fx.Node, torch.fx.Node]] = {}
+    fp8_inputs: Dict[Tuple[torch.fx.Node, str], Tuple[torch.fx.Node, torch.fx.Node]] = {}
 
     for node in list(graph.nodes):
         linear = _as_linear(node)
@@ -177,11 +199,14 @@ def rewrite_linears(gm: torch.fx.GraphModule, config: FP8Config,
             qualname=qualname or "", action=action, reason=reason,
             in_features=int(w.shape[-1]) if w is not None else -1,
             out_features=int(w.shape[0]) if w is not None else -1))
-        if action == "skipped":
-            continue
+        if action == "skipped" or (action == "weight_only" and linear.scale is not None):
+            continue  # left as it is (an FP8Linear already runs weight-only)
 
         # Readable names in the rewritten graph: blocks_0_attn1_to_q_weight_fp8, ...
         stem = (qualname or node.name).replace(".", "_")
+        granularity = linear.at_rest_granularity or config.granularity
+        if linear.scale is not None:
+            fp8_weights[linear.weight] = (linear.weight, linear.scale)
         if linear.weight not in fp8_weights:
             with graph.inserting_after(insert_point):
                 wq = _weight_placeholder(graph, f"{stem}_weight_fp8")
@@ -197,15 +222,16 @@ def rewrite_linears(gm: torch.fx.GraphModule, config: FP8Config,
                 new = _call(graph, torch.ops.fp8_fx.weight_only_linear.default,
                             (linear.x, wq, ws, linear.bias), stem)
             else:
-                if linear.x not in fp8_inputs:  # q, k and v share one quantization
+                key = (linear.x, granularity)
+                if key not in fp8_inputs:  # q, k and v share one quantization
                     x_name = linear.x.name
                     quant = _call(graph, torch.ops.fp8_fx.quantize.default,
-                                  (linear.x, config.granularity), f"{x_name}_quantized")
-                    fp8_inputs[linear.x] = (_call(graph, operator.getitem, (quant, 0), f"{x_name}_fp8"),
-                                            _call(graph, operator.getitem, (quant, 1), f"{x_name}_scale"))
-                    for n in (quant, *fp8_inputs[linear.x]):  # where it was inserted, for readers
+                                  (linear.x, granularity), f"{x_name}_quantized")
+                    fp8_inputs[key] = (_call(graph, operator.getitem, (quant, 0), f"{x_name}_fp8"),
+                                       _call(graph, operator.getitem, (quant, 1), f"{x_name}_scale"))
+                    for n in (quant, *fp8_inputs[key]):  # where it was inserted, for readers
                         n.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
-                xq, xs = fp8_inputs[linear.x]
+                xq, xs = fp8_inputs[key]
                 args = (xq, xs, wq, ws, linear.bias, _example(node).dtype)
                 if action == "scaled_mm":
                     args += (config.fast_accum,)

@@ -151,3 +151,25 @@ def build_wan_from_config(config: dict, dtype: torch.dtype) -> torch.nn.Module:
 def latent_shape(frames: int, height: int, width: int, channels: int = 16):
     """Wan VAE: 4x temporal, 8x spatial compression; frames must be 4k+1."""
     return (1, channels, (frames - 1) // 4 + 1, height // 8, width // 8)
+
+
+def load_wan_fp8(path, device="cpu") -> torch.nn.Module:
+    """An FP8 Wan checkpoint: one saved by fp8_fx.save_fp8_checkpoint, or a pre-quantized
+    file from other tools (e4m3fn weights + per-tensor `scale_weight`, diffusers or original
+    Wan2.1 names). FP8 weights and scales load bit-exactly; the rest keeps its dtype."""
+    from .fp8_weights import FP8CheckpointError, _read, load_fp8_checkpoint, load_fp8_checkpoint_state
+    state, metadata = _read(path)
+    if "diffusers_config" in metadata:
+        return load_fp8_checkpoint(path, device=device)
+    state = {k.removeprefix("model.diffusion_model."): v for k, v in state.items()}
+    if _is_original_wan(state):
+        from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+        state = convert_wan_transformer_to_diffusers(dict(state))
+    try:
+        config = infer_wan_config(state)
+    except CheckpointError as e:
+        raise FP8CheckpointError(str(e)) from e
+    from accelerate import init_empty_weights
+    with init_empty_weights(include_buffers=False):  # parameters on meta, rope buffers real
+        skeleton = _wan_class()(**config)
+    return load_fp8_checkpoint_state(state, metadata, skeleton, path, device)
