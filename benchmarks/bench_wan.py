@@ -32,7 +32,8 @@ SIZES = {  # Wan 2.1 T2V: dim, ffn_dim, heads, layers
 }
 LATENT = {32760: (21, 60, 104), 75600: (21, 90, 160)}  # latent grids of 480p / 720p, 81 frames
 TEXT_TOKENS = 512
-VARIANTS = ("bf16_eager", "bf16_compile", "fp8_fx_tensor", "fp8_fx_row", "torchao_tensor", "torchao_row")
+VARIANTS = ("bf16_eager", "bf16_compile", "fp8_fx_tensor", "fp8_fx_row", "fp8_fx_tensor_gpu_load",
+            "fp8_fx_row_gpu_load", "torchao_tensor", "torchao_row")
 # Library kernels only: Inductor's Triton kernels carry fused op names such as
 # `triton_poi_fused__scaled_mm_...` or `..._scaled_dot_product_cudnn_attention_...`.
 ATTENTION = re.compile(r"flash|fmha|attention|sdpa", re.I)
@@ -60,27 +61,31 @@ class OneBlock(nn.Module):
         return self.blocks[0](x, context, timestep_proj, rotary_emb)
 
 
-def build(model: str, scope: str, tokens: int, device="cuda"):
-    from diffusers import WanTransformer3DModel
-    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
-    dim, ffn_dim, heads, layers = SIZES[model]
-    frames, h, w = LATENT[tokens]
+def build_net(model: str, scope: str, device):
+    """bf16 net with seeded random weights (same weights on every call)."""
+    from fp8_fx.wan import WAN_CONFIGS, build_wan
+    dim, ffn_dim, heads, _ = SIZES[model]
+    if scope == "full":
+        return build_wan(model, dtype=torch.bfloat16, device=device, seed=0)
     torch.manual_seed(0)
     with torch.device(device):
+        return OneBlock(dim, ffn_dim, heads).to(torch.bfloat16).eval()
+
+
+def make_inputs(model: str, scope: str, tokens: int, device="cuda"):
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+    dim, _, heads, _ = SIZES[model]
+    frames, h, w = LATENT[tokens]
+    torch.manual_seed(1)
+    with torch.device(device):
         if scope == "block":
-            net = OneBlock(dim, ffn_dim, heads).to(torch.bfloat16).eval()
             rope = WanRotaryPosEmbed(dim // heads, (1, 2, 2), 1024)
-            latent = torch.empty(1, 16, frames, h, w)
-            inputs = (torch.randn(1, tokens, dim, dtype=torch.bfloat16),
-                      torch.randn(1, TEXT_TOKENS, dim, dtype=torch.bfloat16),
-                      torch.randn(1, 6, dim, dtype=torch.float32) * 0.1,
-                      rope(latent))
-        else:
-            net = WanTransformer3DModel(num_attention_heads=heads, attention_head_dim=dim // heads,
-                                        ffn_dim=ffn_dim, num_layers=layers).to(torch.bfloat16).eval()
-            inputs = (torch.randn(1, 16, frames, h, w, dtype=torch.bfloat16),
-                      torch.tensor([500]), torch.randn(1, TEXT_TOKENS, 4096, dtype=torch.bfloat16))
-    return net, inputs
+            return (torch.randn(1, tokens, dim, dtype=torch.bfloat16),
+                    torch.randn(1, TEXT_TOKENS, dim, dtype=torch.bfloat16),
+                    torch.randn(1, 6, dim, dtype=torch.float32) * 0.1,
+                    rope(torch.empty(1, 16, frames, h, w)))
+        return (torch.randn(1, 16, frames, h, w, dtype=torch.bfloat16),
+                torch.tensor([500]), torch.randn(1, TEXT_TOKENS, 4096, dtype=torch.bfloat16))
 
 
 def torchao_model(net, granularity):
@@ -94,17 +99,26 @@ def torchao_model(net, granularity):
     return torch.compile(net)
 
 
-def make_variant(name, net):
-    """(callable, backend or None). Non-torchao variants share `net` (same weights)."""
+def make_variant(name, gpu_net, model, scope):
+    """(callable, backend or None).
+    fp8_fx_*: the README's path: bf16 on the CPU, convert_to_fp8 on the way to the GPU.
+    fp8_fx_*_gpu_load: the bf16 model already on the GPU, quantized by the backend.
+    bf16_* and *_gpu_load share one bf16 GPU model; torchao quantizes a copy of it."""
     if name == "bf16_eager":
-        return net, None
+        return gpu_net(), None
     if name == "bf16_compile":
-        return torch.compile(net), None
+        return torch.compile(gpu_net()), None
     if name.startswith("fp8_fx_"):
-        backend = fp8_fx.make_fp8_backend(fp8_fx.FP8Config(granularity=name.rsplit("_", 1)[1]))
+        granularity = name.split("_")[2]
+        config = fp8_fx.FP8Config(granularity=granularity)
+        backend = fp8_fx.make_fp8_backend(config)
+        if name.endswith("_gpu_load"):
+            return torch.compile(gpu_net(), backend=backend), backend
+        net = build_net(model, scope, "cpu")
+        fp8_fx.convert_to_fp8(net, config, device="cuda")
         return torch.compile(net, backend=backend), backend
     if name.startswith("torchao_"):
-        return torchao_model(net, name.rsplit("_", 1)[1]), None
+        return torchao_model(gpu_net(), name.rsplit("_", 1)[1]), None
     raise ValueError(name)
 
 
@@ -154,27 +168,35 @@ def first(out):
 
 
 def bench(model, scope, tokens, variants, repeats, iters, log):
-    net, inputs = build(model, scope, tokens)
+    inputs = make_inputs(model, scope, tokens)
     kwargs = {"return_dict": False} if scope == "full" else {}
+    shared = {}
+
+    def gpu_net():
+        if "net" not in shared:
+            shared["net"] = build_net(model, scope, "cuda")
+        return shared["net"]
+
     rows, fns, ref = {}, {}, None
     with torch.no_grad():
-        for name in variants:  # compile (first call) one by one; torchao last: it changes global config
-            fn, backend = make_variant(name, net)
+        if any(v.startswith(("bf16", "torchao")) or v.endswith("gpu_load") for v in variants):
+            ref = first(gpu_net()(*inputs, **kwargs))  # bf16 eager: the fidelity reference
+        for name in variants:  # compile one by one; torchao last: it changes global config
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
+            fn, backend = make_variant(name, gpu_net, model, scope)
+            load_s = time.perf_counter() - t0
             out = first(fn(*inputs, **kwargs))
             torch.cuda.synchronize()
-            compile_s = time.perf_counter() - t0
-            if ref is None:
-                ref = first(net(*inputs, **kwargs)) if name != "bf16_eager" else out
-            rel, cos = fidelity(out, ref)
+            compile_s = time.perf_counter() - t0 - load_s
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            rel, cos = fidelity(out, ref) if ref is not None else (None, None)
             fns[name] = lambda fn=fn: fn(*inputs, **kwargs)
             fns[name]()  # warm
             prof = kernel_profile(fns[name])
             rows[name] = dict(model=model, scope=scope, tokens=tokens, variant=name,
-                              compile_s=round(compile_s, 2),
-                              peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                              load_s=round(load_s, 2), compile_s=round(compile_s, 2), peak_gib=round(peak, 2),
                               rel_err=rel, cosine=cos,
                               nonattn_ms=round(prof["nonattn_ms"], 3), gemm_ms=round(prof["gemm_ms"], 3),
                               attn_ms=round(prof["attn_ms"], 3), launches=prof["launches"])
@@ -184,7 +206,8 @@ def bench(model, scope, tokens, variants, repeats, iters, log):
             if backend is not None:
                 log.write(str(backend.report) + "\n")
             del out
-            print(f"compiled {name}: {compile_s:.1f}s", flush=True)
+            print(f"compiled {name}: load {load_s:.1f}s, first call {compile_s:.1f}s, peak {peak:.2f} GiB",
+                  flush=True)
         times = {n: [] for n in variants}
         for _ in range(repeats):  # interleaved
             for name in variants:
@@ -194,7 +217,7 @@ def bench(model, scope, tokens, variants, repeats, iters, log):
         med = statistics.median(times[name])
         rows[name].update(ms=round(med, 3), spread_ms=round(max(times[name]) - min(times[name]), 3),
                           speedup=round(base / med, 3) if base else None)
-    del fns, net
+    del fns, shared
     torch.cuda.empty_cache()
     return list(rows.values())
 
@@ -204,7 +227,7 @@ def main():
     p.add_argument("--model", default="14B", help="comma list of 1.3B,14B")
     p.add_argument("--scope", default="block", help="comma list of block,full")
     p.add_argument("--tokens", default="32760", help="comma list of 32760,75600")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default="bf16_eager,bf16_compile,fp8_fx_tensor,fp8_fx_row,torchao_tensor,torchao_row")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<device>.json)")
@@ -232,7 +255,7 @@ def main():
     old = json.loads(out.read_text())["rows"] if out.exists() else []
     out.write_text(json.dumps({"rows": old + rows}, indent=1))
     cols = ("model", "scope", "tokens", "variant", "ms", "spread_ms", "speedup", "nonattn_ms", "gemm_ms",
-            "launches", "compile_s", "peak_gib", "rel_err", "cosine")
+            "launches", "load_s", "compile_s", "peak_gib", "rel_err", "cosine")
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols))

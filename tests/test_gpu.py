@@ -100,3 +100,26 @@ def test_quantize_on_gpu_is_bit_exact_with_reference(granularity, dtype):
         assert torch.equal(xs.cpu(), ref_s), f"seed {seed}: scales differ"
         mismatches = (xq.cpu().double() != ref_q).sum().item()
         assert mismatches == 0, f"seed {seed}: {mismatches} of {xq.numel()} fp8 values differ"
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+def test_weights_converted_on_the_way_to_the_gpu_run_scaled_mm(granularity):
+    from fp8_fx import FP8Linear, convert_to_fp8
+    torch.manual_seed(0)
+    cpu_model = WanLikeModel("diffusers", dim=256, ffn_dim=512, heads=4, in_dim=64).to(torch.bfloat16).eval()
+    gpu_bf16 = WanLikeModel("diffusers", dim=256, ffn_dim=512, heads=4, in_dim=64).to(torch.bfloat16).eval()
+    gpu_bf16.load_state_dict(cpu_model.state_dict())
+    gpu_bf16.to(CUDA)
+    config = FP8Config(granularity=granularity)
+    convert_to_fp8(cpu_model, config, device=CUDA)
+    assert all(p.device.type == "cuda" for p in cpu_model.parameters())
+    assert isinstance(cpu_model.get_submodule("blocks.0.attn1.to_q"), FP8Linear)
+    x = torch.randn(2, 128, 64, device=CUDA, dtype=torch.bfloat16)
+    ctx = torch.randn(2, 32, 256, device=CUDA, dtype=torch.bfloat16)
+    at_rest, via_cache = make_fp8_backend(config), make_fp8_backend(config)
+    with torch.no_grad():
+        y_rest = torch.compile(cpu_model, backend=at_rest)(x, ctx)
+        y_cache = torch.compile(gpu_bf16, backend=via_cache)(x, ctx)
+    assert sum(d.action == "scaled_mm" for d in at_rest.report) == 20
+    assert len(at_rest.weights) == 0
+    assert rel_err(y_rest, y_cache) < 1e-2  # same FP8 weights and recipe
