@@ -99,7 +99,7 @@ def torchao_model(net, granularity):
     return torch.compile(net)
 
 
-def make_variant(name, gpu_net, model, scope):
+def make_variant(name, gpu_net, cpu_net):
     """(callable, backend or None).
     fp8_fx_*: the README's path: bf16 on the CPU, convert_to_fp8 on the way to the GPU.
     fp8_fx_*_gpu_load: the bf16 model already on the GPU, quantized by the backend.
@@ -114,7 +114,7 @@ def make_variant(name, gpu_net, model, scope):
         backend = fp8_fx.make_fp8_backend(config)
         if name.endswith("_gpu_load"):
             return torch.compile(gpu_net(), backend=backend), backend
-        net = build_net(model, scope, "cpu")
+        net = copy.deepcopy(cpu_net())  # the same weights as every other variant
         fp8_fx.convert_to_fp8(net, config, device="cuda")
         return torch.compile(net, backend=backend), backend
     if name.startswith("torchao_"):
@@ -172,10 +172,15 @@ def bench(model, scope, tokens, variants, repeats, iters, log):
     kwargs = {"return_dict": False} if scope == "full" else {}
     shared = {}
 
+    def cpu_net():  # built once, on the CPU (seeded): every variant gets these weights
+        if "cpu" not in shared:
+            shared["cpu"] = build_net(model, scope, "cpu")
+        return shared["cpu"]
+
     def gpu_net():
-        if "net" not in shared:
-            shared["net"] = build_net(model, scope, "cuda")
-        return shared["net"]
+        if "gpu" not in shared:
+            shared["gpu"] = copy.deepcopy(cpu_net()).to("cuda")
+        return shared["gpu"]
 
     rows, fns, ref = {}, {}, None
     with torch.no_grad():
@@ -185,7 +190,7 @@ def bench(model, scope, tokens, variants, repeats, iters, log):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            fn, backend = make_variant(name, gpu_net, model, scope)
+            fn, backend = make_variant(name, gpu_net, cpu_net)
             load_s = time.perf_counter() - t0
             out = first(fn(*inputs, **kwargs))
             torch.cuda.synchronize()

@@ -36,7 +36,9 @@ def _define(schema: str, fn, dispatch_key: str) -> None:
 
 def amax_to_scale(amax: torch.Tensor) -> torch.Tensor:
     # clamp keeps an all-zero input finite (no 0/0) and NaN/Inf propagate (clamp keeps NaN).
-    return torch.clamp(amax.float() / FP8_MAX, min=MIN_SCALE)
+    # The divisor is a tensor on amax's device: CUDA divides by a Python scalar as a
+    # multiplication by its (inexact) reciprocal, which moved scales by an ulp vs the CPU.
+    return torch.clamp(amax.float() / torch.full_like(amax, FP8_MAX, dtype=torch.float32), min=MIN_SCALE)
 
 
 def cast_to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

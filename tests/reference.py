@@ -20,10 +20,11 @@ def round_to_e4m3(v: torch.Tensor) -> torch.Tensor:
 
 
 def reference_scale(x: torch.Tensor, granularity: str) -> torch.Tensor:
-    """The recipe's scale, computed in fp32 as the recipe specifies."""
+    """The recipe's scale: amax / 448 correctly rounded to fp32 (float64 division, then
+    rounding: exact for one division), clamped below."""
     a = x.float().abs()
     amax = a.amax(dim=-1, keepdim=True) if granularity == "row" else a.amax()
-    return torch.clamp(amax / E4M3_MAX, min=MIN_SCALE)
+    return torch.clamp((amax.double() / E4M3_MAX).float(), min=MIN_SCALE)
 
 
 def reference_quantize(x: torch.Tensor, granularity: str):
