@@ -63,7 +63,7 @@ class OneBlock(nn.Module):
 
 def build_net(model: str, scope: str, device):
     """bf16 net with seeded random weights (same weights on every call)."""
-    from fp8_fx.wan import WAN_CONFIGS, build_wan
+    from fp8_fx.wan import build_wan
     dim, ffn_dim, heads, _ = SIZES[model]
     if scope == "full":
         return build_wan(model, dtype=torch.bfloat16, device=device, seed=0)
@@ -222,7 +222,8 @@ def bench(model, scope, tokens, variants, repeats, iters, log):
         med = statistics.median(times[name])
         rows[name].update(ms=round(med, 3), spread_ms=round(max(times[name]) - min(times[name]), 3),
                           speedup=round(base / med, 3) if base else None)
-    del fns, shared
+    fns.clear()
+    shared.clear()  # free the models before the next group
     torch.cuda.empty_cache()
     return list(rows.values())
 

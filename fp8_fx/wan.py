@@ -6,7 +6,7 @@ import contextlib
 import json
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 

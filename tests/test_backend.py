@@ -1,6 +1,5 @@
 """The whole backend on CPU, through Inductor: numerics against the float64 emulation
 of the recipe, the decisions it records, and every bad input the README promises."""
-import warnings
 
 import pytest
 import torch

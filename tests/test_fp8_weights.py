@@ -7,7 +7,6 @@ import torch
 
 pytest.importorskip("diffusers")
 
-import fp8_fx  # noqa: E402
 from fp8_fx import (FP8CheckpointError, FP8Config, FP8Linear, convert_to_fp8, fp8_weight_bytes,  # noqa: E402
                     load_fp8_checkpoint, make_fp8_backend, save_fp8_checkpoint)
 from fp8_fx.wan import build_wan, load_wan_fp8  # noqa: E402

@@ -1,7 +1,6 @@
 """Synthetic local Wan checkpoints (from a tiny random model) in the formats users have."""
 import re
 
-import torch
 from safetensors.torch import save_file
 
 # diffusers name -> original Wan2.1 name (the inverse of diffusers' single-file mapping).

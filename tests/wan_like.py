@@ -3,7 +3,6 @@
 Same math in each (self-attention, cross-attention to text, GELU FFN, modulation-free
 LayerNorms); only the module paths differ, which is what the pass matches on.
 """
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
