@@ -97,10 +97,22 @@ def infer_wan_config(state: dict) -> dict:
     return config
 
 
-def load_wan(path, dtype: torch.dtype = torch.bfloat16, device="cpu") -> torch.nn.Module:
+def load_wan(path, dtype: torch.dtype = torch.bfloat16, device="cpu", fp8=None) -> torch.nn.Module:
     """Load a local Wan DiT: a diffusers folder (a transformer folder, or a pipeline folder
-    with `transformer/`) or one `.safetensors` file in diffusers or original Wan2.1 names."""
-    path = Path(path)
+    with `transformer/`) or one `.safetensors` file in diffusers or original Wan2.1 names.
+
+    fp8: True or an FP8Config to load to the CPU and convert the targeted weights to FP8 on
+    the way to `device`, one layer at a time (the full bf16 model never sits on `device`)."""
+    if fp8:
+        from .config import FP8Config
+        from .fp8_weights import convert_to_fp8
+        model = _load_wan(Path(path), dtype, "cpu")
+        convert_to_fp8(model, fp8 if isinstance(fp8, FP8Config) else None, device=device)
+        return model
+    return _load_wan(Path(path), dtype, device)
+
+
+def _load_wan(path: Path, dtype: torch.dtype, device) -> torch.nn.Module:
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path} (give a local folder or .safetensors file;"
                               " nothing is downloaded)")

@@ -168,3 +168,15 @@ def test_loads_ecosystem_scale_weight_files_in_original_wan_names(tmp_path):
             assert torch.equal(v.view(torch.uint8), ref.view(torch.uint8)), k
         else:
             assert torch.equal(v, ref), k
+
+
+def test_load_wan_with_fp8_converts_on_the_way(tmp_path):
+    from fp8_fx.wan import load_wan
+    model = build_wan("tiny", seed=2)
+    model.save_pretrained(tmp_path / "wan")
+    loaded = load_wan(tmp_path / "wan", fp8=FP8Config(granularity="row"))
+    layers = [m for m in loaded.modules() if isinstance(m, FP8Linear)]
+    assert len(layers) == 20 and all(m.granularity == "row" for m in layers)
+    x, t, text = wan_inputs()
+    with torch.no_grad():
+        assert rel_err(loaded(x, t, text, return_dict=False)[0], model(x, t, text, return_dict=False)[0]) < 5e-2
