@@ -340,3 +340,13 @@ def test_config_validation():
         FP8Config(targets="attn1.to_q")
     with pytest.raises(TypeError, match="FP8Config"):
         make_fp8_backend({"granularity": "row"})
+
+
+def test_autocast_linears_are_skipped_with_a_reason():
+    model = OneLinear().eval()
+    backend = make_fp8_backend(ONE)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.compile(model, backend=backend)(torch.randn(4, 64))
+    assert y.dtype == torch.bfloat16
+    (d,) = backend.report
+    assert d.action == "skipped" and "autocast" in d.reason
