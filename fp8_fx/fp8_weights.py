@@ -42,15 +42,14 @@ class FP8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, granularity: str, device=None) -> "FP8Linear":
-        weight = linear.weight.detach().to(device)
-        fp8 = cls.__new__(cls)
-        nn.Module.__init__(fp8)
-        fp8.in_features, fp8.out_features, fp8.granularity = linear.in_features, linear.out_features, granularity
-        wq, scale = ops.quantize_weight(weight, granularity)
+        """Quantize `linear` (its weight moved to `device` first: one bf16 layer there at a time)."""
+        fp8 = cls(linear.in_features, linear.out_features, linear.bias is not None, granularity,
+                  device="meta")
+        wq, scale = ops.quantize_weight(linear.weight.detach().to(device), granularity)
         fp8.weight = nn.Parameter(wq, requires_grad=False)
-        fp8.register_buffer("weight_scale", scale)
-        fp8.bias = (nn.Parameter(linear.bias.detach().to(device), requires_grad=False)
-                    if linear.bias is not None else None)
+        fp8.weight_scale = scale
+        if linear.bias is not None:
+            fp8.bias = nn.Parameter(linear.bias.detach().to(device), requires_grad=False)
         return fp8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
