@@ -147,16 +147,19 @@ def _load_wan(path: Path, dtype: torch.dtype, device) -> torch.nn.Module:
             (Path(tmp) / "config.json").write_text(json.dumps({"_class_name": cls.__name__, **config}))
             net = cls.from_single_file(str(path), config=tmp, local_files_only=True)
         return cast_like_diffusers(net, dtype).to(device).eval()
-    net = build_wan_from_config(config, dtype)
-    missing, unexpected = net.load_state_dict(converted, strict=False)
+    net = wan_skeleton(config)
+    missing, unexpected = net.load_state_dict(converted, strict=False, assign=True)
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match a Wan transformer: missing {sorted(missing)[:5]}, "
                               f"unexpected {sorted(unexpected)[:5]}")
     return cast_like_diffusers(net, dtype).to(device).eval()
 
 
-def build_wan_from_config(config: dict, dtype: torch.dtype) -> torch.nn.Module:
-    with _default_dtype(dtype if dtype != torch.float16 else torch.float32):
+def wan_skeleton(config: dict) -> torch.nn.Module:
+    """A WanTransformer3DModel with parameters on the meta device (no memory, no random
+    init) and real buffers (rope tables), ready for load_state_dict(..., assign=True)."""
+    from accelerate import init_empty_weights
+    with init_empty_weights(include_buffers=False):
         return _wan_class()(**config)
 
 
@@ -169,11 +172,11 @@ def load_wan_fp8(path, device="cpu") -> torch.nn.Module:
     """An FP8 Wan checkpoint: one saved by fp8_fx.save_fp8_checkpoint, or a pre-quantized
     file from other tools (e4m3fn weights + per-tensor `scale_weight`, diffusers or original
     Wan2.1 names). FP8 weights and scales load bit-exactly; the rest keeps its dtype."""
-    from .fp8_weights import FP8CheckpointError, _read, load_fp8_checkpoint, load_fp8_checkpoint_state
+    from .fp8_weights import FP8CheckpointError, _read, load_fp8_checkpoint_state
     state, metadata = _read(path)
-    if "diffusers_config" in metadata:
-        return load_fp8_checkpoint(path, device=device)
     state = {k.removeprefix("model.diffusion_model."): v for k, v in state.items()}
+    if "diffusers_config" in metadata:  # ours: the skeleton comes from the recorded config
+        return load_fp8_checkpoint_state(state, metadata, None, path, device)
     if _is_original_wan(state):
         from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
         state = convert_wan_transformer_to_diffusers(dict(state))
@@ -181,7 +184,4 @@ def load_wan_fp8(path, device="cpu") -> torch.nn.Module:
         config = infer_wan_config(state)
     except CheckpointError as e:
         raise FP8CheckpointError(str(e)) from e
-    from accelerate import init_empty_weights
-    with init_empty_weights(include_buffers=False):  # parameters on meta, rope buffers real
-        skeleton = _wan_class()(**config)
-    return load_fp8_checkpoint_state(state, metadata, skeleton, path, device)
+    return load_fp8_checkpoint_state(state, metadata, wan_skeleton(config), path, device)
