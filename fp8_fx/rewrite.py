@@ -10,6 +10,10 @@ cache that quantizes each parameter once (see weights.py).
     x, weight, bias                    x, weight_fp8, weight_scale, bias
     linear(x, weight, bias)     ->     xq, x_scale = fp8_fx.quantize(x)      # once per x
                                        fp8_fx.scaled_mm(xq, x_scale, weight_fp8, weight_scale, bias)
+
+Layers converted before compiling (FP8Linear, see fp8_weights.py) arrive as
+`fp8_fx.weight_only_linear(x, weight_fp8, scale, bias)` with FP8 weights already in the
+graph: they get the same rewrite, without new inputs.
 """
 from __future__ import annotations
 
