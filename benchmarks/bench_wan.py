@@ -33,7 +33,8 @@ SIZES = {  # Wan 2.1 T2V: dim, ffn_dim, heads, layers
 LATENT = {32760: (21, 60, 104), 75600: (21, 90, 160)}  # latent grids of 480p / 720p, 81 frames
 TEXT_TOKENS = 512
 VARIANTS = ("bf16_eager", "bf16_compile", "fp8_fx_tensor", "fp8_fx_row", "fp8_fx_tensor_gpu_load",
-            "fp8_fx_row_gpu_load", "fp8_fx_tensor_tuned", "fp8_fx_row_tuned", "torchao_tensor", "torchao_row")
+            "fp8_fx_row_gpu_load", "fp8_fx_tensor_tuned", "fp8_fx_row_tuned", "fp8_fx_tensor_inductor",
+            "fp8_fx_row_inductor", "torchao_tensor", "torchao_row")
 # Library kernels only: Inductor's Triton kernels carry fused op names such as
 # `triton_poi_fused__scaled_mm_...` or `..._scaled_dot_product_cudnn_attention_...`.
 ATTENTION = re.compile(r"flash|fmha|attention|sdpa", re.I)
@@ -110,7 +111,8 @@ def make_variant(name, gpu_net, cpu_net):
         return torch.compile(gpu_net()), None
     if name.startswith("fp8_fx_"):
         granularity = name.split("_")[2]
-        config = fp8_fx.FP8Config(granularity=granularity)
+        # *_inductor: every activation quantized by Inductor's kernels (no triton_quantize)
+        config = fp8_fx.FP8Config(granularity=granularity, triton_quantize=not name.endswith("_inductor"))
         # *_tuned: Inductor's coordinate-descent tuning, for this backend's graphs only
         patches = {"coordinate_descent_tuning": True} if name.endswith("_tuned") else None
         backend = fp8_fx.make_fp8_backend(config, inductor_config_patches=patches)

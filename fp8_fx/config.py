@@ -55,6 +55,10 @@ class FP8Config:
         "emulate" reproduces the FP8 path's numerics in fp32 on any device.
     fast_accum: let FP8 tensor-core GEMMs accumulate without periodic fp32 promotion
         (faster; torchao's inference default). False gives sums as exact as "emulate".
+    triton_quantize: quantize activations that come straight out of library kernels
+        (attention, a GEMM, or the GELU of a GEMM's output: Inductor has no producer
+        kernel to fuse them into) with fp8_fx's Triton kernels (triton_quantize.py)
+        instead of Inductor's standalone ones. Same numerics; False for A/B timing.
     """
 
     granularity: Granularity = "tensor"
@@ -62,6 +66,7 @@ class FP8Config:
     exclude: Tuple[str, ...] = ()
     fallback: Fallback = "weight_only"
     fast_accum: bool = True
+    triton_quantize: bool = True
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:

@@ -11,6 +11,11 @@ cache that quantizes each parameter once (see weights.py).
     linear(x, weight, bias)     ->     xq, x_scale = fp8_fx.quantize(x)      # once per x
                                        fp8_fx.scaled_mm(xq, x_scale, weight_fp8, weight_scale, bias)
 
+Where x comes straight out of a library kernel (cuDNN attention, a GEMM, or the GELU
+of a GEMM's output) there is no Inductor kernel to fuse its quantization into; the pass
+emits `fp8_fx.triton_quantize(source, granularity, activation)` instead, fp8_fx's own
+kernels (triton_quantize.py), with the GELU folded in.
+
 Layers converted before compiling (FP8Linear, see fp8_weights.py) arrive as
 `fp8_fx.weight_only_linear(x, weight_fp8, scale, bias)` with FP8 weights already in the
 graph: they get the same rewrite, without new inputs.
@@ -25,7 +30,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.fx
 
-from . import ops
+from . import ops, triton_quantize
 from .config import FP8Config
 from .qualname import matching_suffix, node_qualname
 from .report import LinearDecision
@@ -36,6 +41,19 @@ _OP_FOR_ACTION = {
     "scaled_mm": torch.ops.fp8_fx.scaled_mm.default,
     "emulate": torch.ops.fp8_fx.emulated_scaled_mm.default,
 }
+
+
+# Ops whose output is a fresh buffer written by a library kernel (cuBLAS, cuDNN).
+_LIBRARY_KERNELS = (*_LINEAR_TARGETS, torch.nn.functional.scaled_dot_product_attention,
+                    torch.matmul, torch.bmm, torch.mm, operator.matmul,
+                    torch.ops.fp8_fx.scaled_mm.default, torch.ops.fp8_fx.weight_only_linear.default)
+_GELUS = (torch._C._nn.gelu, torch.nn.functional.gelu, torch.ops.aten.gelu.default)
+# Ops that pass their input's values on unchanged (checked: same dtype and numel).
+_VIEW_METHODS = ("view", "reshape", "flatten", "unflatten", "permute", "transpose",
+                 "contiguous", "type_as", "to", "squeeze", "unsqueeze")
+_VIEW_FUNCTIONS = (torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
+                   torch.unsqueeze, torch.unflatten)
+_DROPOUTS = (torch.nn.functional.dropout, torch.dropout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +165,53 @@ def _device_action(weight: torch.fx.Node, config: FP8Config, fp8_tensor_cores: O
     return config.fallback, f"{prefix}no FP8 tensor cores on {where}: fallback={config.fallback!r}"
 
 
+def _same_values_input(node: torch.fx.Node) -> Optional[torch.fx.Node]:
+    """The input whose values `node` passes on unchanged (a view, a cast to the same
+    dtype, dropout in eval mode), else None."""
+    if node.op == "call_method" and node.target in _VIEW_METHODS:
+        source = node.args[0]
+    elif node.op == "call_function" and node.target in _VIEW_FUNCTIONS:
+        source = node.args[0]
+    elif node.op == "call_function" and node.target in _DROPOUTS:
+        args = list(node.args) + [None] * 3
+        p, training = node.kwargs.get("p", args[1]), node.kwargs.get("train", node.kwargs.get("training", args[2]))
+        source = node.args[0] if (p == 0 or training is False) else None
+    else:
+        return None
+    out, src = _example(node), _example(source)
+    if out is None or src is None or out.dtype != src.dtype or out.numel() != src.numel():
+        return None
+    return source
+
+
+def _value_source(node: torch.fx.Node) -> torch.fx.Node:
+    while (source := _same_values_input(node)) is not None:
+        node = source
+    return node
+
+
+def _from_library_kernel(node: torch.fx.Node) -> bool:
+    """Whether node's values are a buffer some library kernel (or the caller) wrote."""
+    node = _value_source(node)
+    return node.op in ("placeholder", "get_attr") or (
+        node.op == "call_function" and node.target in _LIBRARY_KERNELS)
+
+
+def triton_quantize_input(x: torch.fx.Node) -> Optional[Tuple[torch.fx.Node, str]]:
+    """(input, activation) for `fp8_fx.triton_quantize` when the linear input x has no
+    Inductor producer kernel to fuse its quantization into, else None."""
+    source = _value_source(x)
+    if source.op == "call_function" and source.target in _GELUS:
+        approximate = source.kwargs.get("approximate", source.args[1] if len(source.args) > 1 else "none")
+        pre = source.args[0]
+        same_shape = _example(source) is not None and _example(x) is not None and (
+            _example(source).shape == _example(x).shape)
+        if approximate in ("none", "tanh") and same_shape and _from_library_kernel(pre):
+            return pre, "gelu" if approximate == "none" else "gelu_tanh"
+        return None
+    return (x, "none") if _from_library_kernel(source) else None
+
+
 def _call(graph: torch.fx.Graph, target, args, name: str) -> torch.fx.Node:
     return graph.create_node("call_function", target, args, name=name)
 
@@ -187,6 +252,8 @@ def rewrite_linears(gm: torch.fx.GraphModule, config: FP8Config,
     input_index = {n: i for i, n in enumerate(placeholders)}
     insert_point = placeholders[-1] if placeholders else None
 
+    use_triton = config.triton_quantize and (
+        fp8_tensor_cores if fp8_tensor_cores is not None else triton_quantize.available())
     decisions: List[LinearDecision] = []
     slots: List[WeightSlot] = []
     fp8_weights: Dict[torch.fx.Node, Tuple[torch.fx.Node, torch.fx.Node]] = {}
@@ -229,8 +296,13 @@ def rewrite_linears(gm: torch.fx.GraphModule, config: FP8Config,
                 key = (linear.x, granularity)
                 if key not in fp8_inputs:  # q, k and v share one quantization
                     x_name = linear.x.name
-                    quant = _call(graph, torch.ops.fp8_fx.quantize.default,
-                                  (linear.x, granularity), f"{x_name}_quantized")
+                    source = triton_quantize_input(linear.x) if action == "scaled_mm" and use_triton else None
+                    if source is not None and triton_quantize.supports(granularity, int(w.shape[-1])):
+                        quant = _call(graph, torch.ops.fp8_fx.triton_quantize.default,
+                                      (source[0], granularity, source[1]), f"{x_name}_quantized")
+                    else:
+                        quant = _call(graph, torch.ops.fp8_fx.quantize.default,
+                                      (linear.x, granularity), f"{x_name}_quantized")
                     fp8_inputs[key] = (_call(graph, operator.getitem, (quant, 0), f"{x_name}_fp8"),
                                        _call(graph, operator.getitem, (quant, 1), f"{x_name}_scale"))
                     for n in (quant, *fp8_inputs[key]):  # where it was inserted, for readers

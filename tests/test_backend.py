@@ -350,3 +350,83 @@ def test_autocast_linears_are_skipped_with_a_reason():
     assert y.dtype == torch.bfloat16
     (d,) = backend.report
     assert d.action == "skipped" and "autocast" in d.reason
+
+
+# ---- which quantize each input gets -------------------------------------------------
+
+def _dynamo_graph(model, *inputs):
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=capture, fullgraph=True)(*inputs)
+    return graphs[0]
+
+
+def _quantize_calls(gm):
+    """[(op name, activation or None, producer of the quantized input)] in graph order."""
+    calls = []
+    for n in gm.graph.nodes:
+        if n.target is torch.ops.fp8_fx.quantize.default:
+            calls.append(("quantize", None, n.args[0]))
+        elif n.target is torch.ops.fp8_fx.triton_quantize.default:
+            calls.append(("triton_quantize", n.args[2], n.args[0]))
+    return calls
+
+
+def test_inputs_out_of_library_kernels_get_triton_quantize():
+    from fp8_fx.rewrite import rewrite_linears
+    from wan_like import WanLikeBlock
+    block = WanLikeBlock("diffusers", dim=32, ffn_dim=64, heads=2).eval()
+    gm = _dynamo_graph(block, torch.randn(1, 8, 32), torch.randn(1, 4, 32))
+    rewritten = rewrite_linears(gm, FP8Config(), fp8_tensor_cores=True).graph_module
+    calls = _quantize_calls(rewritten)
+    # LayerNorm outputs: Inductor fuses the quantization into the norm kernel. Attention
+    # outputs, the text context (a graph input) and GELU(ffn_in): fp8_fx's kernels.
+    assert [(op, act) for op, act, _ in calls] == [
+        ("quantize", None), ("triton_quantize", "none"),           # attn1 qkv, attn1 out
+        ("quantize", None), ("triton_quantize", "none"),           # attn2 q, attn2 k/v (context)
+        ("triton_quantize", "none"),                               # attn2 out
+        ("quantize", None), ("triton_quantize", "gelu_tanh")]      # ffn in, ffn out
+    gelu_input = calls[-1][2]
+    assert gelu_input.target is torch.ops.fp8_fx.scaled_mm.default  # the ffn_in GEMM's output
+    assert not [n for n in rewritten.graph.nodes if n.target is torch._C._nn.gelu]  # folded in
+    assert calls[3][2].op == "placeholder"
+
+    no_triton = rewrite_linears(gm, FP8Config(triton_quantize=False), fp8_tensor_cores=True)
+    assert {op for op, _, _ in _quantize_calls(no_triton.graph_module)} == {"quantize"}
+    # Off the tensor-core path (fallbacks) nothing changes either.
+    fallback = rewrite_linears(gm, FP8Config(fallback="emulate"), fp8_tensor_cores=False)
+    assert {op for op, _, _ in _quantize_calls(fallback.graph_module)} == {"quantize"}
+
+
+def test_rows_too_wide_for_one_kernel_stay_with_inductor():
+    from fp8_fx.rewrite import rewrite_linears
+    from fp8_fx.triton_quantize import MAX_ROW_K
+    from wan_like import WanLikeBlock
+    block = WanLikeBlock("diffusers", dim=32, ffn_dim=MAX_ROW_K + 16, heads=2).eval()
+    gm = _dynamo_graph(block, torch.randn(1, 8, 32), torch.randn(1, 4, 32))
+    row = _quantize_calls(rewrite_linears(gm, FP8Config(granularity="row"), fp8_tensor_cores=True).graph_module)
+    tensor = _quantize_calls(rewrite_linears(gm, FP8Config(), fp8_tensor_cores=True).graph_module)
+    assert row[-1][:2] == ("quantize", None)  # GELU output rows of MAX_ROW_K + 16
+    assert tensor[-1][:2] == ("triton_quantize", "gelu_tanh")
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+@pytest.mark.parametrize("activation", ["none", "gelu_tanh", "gelu"])
+def test_triton_quantize_off_the_gpu_is_the_recipe(granularity, activation):
+    # On CPU the op runs its reference; check that against the float64 emulation.
+    from reference import reference_quantize
+    torch.manual_seed(0)
+    x = torch.randn(6, 96, dtype=torch.bfloat16) * 3
+    xq, xs = torch.ops.fp8_fx.triton_quantize(x, granularity, activation)
+    act = {"none": x, "gelu_tanh": torch.nn.functional.gelu(x, approximate="tanh"),
+           "gelu": torch.nn.functional.gelu(x)}[activation]
+    ref_q, ref_s = reference_quantize(act, granularity)
+    assert torch.equal(xs, ref_s) and torch.equal(xq.double(), ref_q)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        torch.ops.fp8_fx.triton_quantize(x, granularity, "relu")

@@ -123,3 +123,109 @@ def test_weights_converted_on_the_way_to_the_gpu_run_scaled_mm(granularity):
     assert sum(d.action == "scaled_mm" for d in at_rest.report) == 20
     assert len(at_rest.weights) == 0
     assert rel_err(y_rest, y_cache) < 1e-2  # same FP8 weights and recipe
+
+
+# ---- fp8_fx.triton_quantize: the Triton kernels for inputs out of library kernels ----
+
+def _activation64(x, activation):
+    """The activation in float64, rounded to x's dtype: the values the unfused graph quantizes."""
+    import math
+    x64 = x.double()
+    if activation == "gelu_tanh":
+        y = 0.5 * x64 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x64 + 0.044715 * x64 ** 3)))
+    elif activation == "gelu":
+        y = 0.5 * x64 * (1 + torch.erf(x64 / math.sqrt(2)))
+    else:
+        y = x64
+    return y.to(x.dtype)
+
+
+def _check_against_reference(x, granularity, activation):
+    from reference import reference_quantize
+    xq, xs = torch.ops.fp8_fx.triton_quantize(x, granularity, activation)
+    ref_q, ref_s = reference_quantize(_activation64(x, activation), granularity)
+    assert xq.dtype == torch.float8_e4m3fn and xq.shape == x.shape
+    assert xs.dtype == torch.float32 and xs.shape == ref_s.shape
+    if activation == "none":  # the recipe alone: bit-exact
+        assert torch.equal(xs, ref_s)
+        assert torch.equal(xq.double(), ref_q)
+        return
+    # Our GELU (fp32, x * sigmoid(2u)) and the float64 one may round to neighbouring
+    # values of x's dtype: scales within one bf16 ulp, values within one fp8 step, and
+    # where the scales agree, fp8 codes differ for a tiny fraction only.
+    assert torch.allclose(xs, ref_s, rtol=2 ** -7, atol=0)
+    deq, ref = xq.double() * xs.double(), ref_q * ref_s.double()
+    assert ((deq - ref).abs() <= ref.abs() / 8 + ref_s.double() * 2 ** -8).all()
+    same_scale = (xs == ref_s).expand(xq.shape)
+    assert same_scale.double().mean() > 0.5
+    assert (xq.double() != ref_q)[same_scale].double().mean() < 1e-3
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+@pytest.mark.parametrize("activation", ["none", "gelu_tanh", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 77, 1536), (64, 8960), (3, 13824), (1, 16), (5, 5120)])
+def test_triton_quantize_against_float64_reference(granularity, activation, dtype, shape):
+    torch.manual_seed(0)
+    x = torch.randn(shape, device=CUDA, dtype=dtype) * 3
+    _check_against_reference(x, granularity, activation)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+def test_triton_quantize_at_a_wan_14b_ffn_shape(granularity):
+    # 4096 x 13824: many grid-stride iterations for the tensor amax, 16384-wide row blocks
+    torch.manual_seed(1)
+    x = torch.randn(4096, 13824, device=CUDA, dtype=torch.bfloat16) * 2
+    _check_against_reference(x, granularity, "gelu_tanh")
+    _check_against_reference(x, granularity, "none")
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+@pytest.mark.parametrize("activation", ["none", "gelu_tanh"])
+def test_triton_quantize_propagates_nan(granularity, activation):
+    x = torch.randn(4, 1536, device=CUDA, dtype=torch.bfloat16)
+    x[2, 5] = float("nan")
+    xq, xs = torch.ops.fp8_fx.triton_quantize(x, granularity, activation)
+    if granularity == "row":
+        assert torch.isnan(xs[2]).all() and torch.isfinite(xs[[0, 1, 3]]).all()
+        assert torch.isnan(xq[2].float()).all()
+        assert not torch.isnan(xq[[0, 1, 3]].float()).any()
+    else:
+        assert torch.isnan(xs)
+
+
+def test_triton_quantize_non_contiguous_and_empty_inputs():
+    x = torch.randn(64, 3, 2048, device=CUDA, dtype=torch.bfloat16).transpose(0, 1)
+    assert not x.is_contiguous()
+    for granularity in ("tensor", "row"):
+        _check_against_reference(x, granularity, "none")
+        xq, xs = torch.ops.fp8_fx.triton_quantize(x[:0], granularity, "gelu_tanh")
+        assert xq.shape == (0, 64, 2048) and xq.dtype == torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+def test_triton_quantize_compiled_equals_eager(granularity):
+    torch.manual_seed(2)
+    x = torch.randn(2, 300, 8960, device=CUDA, dtype=torch.bfloat16)
+    fn = torch.compile(lambda t: torch.ops.fp8_fx.triton_quantize(t, granularity, "gelu_tanh"), fullgraph=True)
+    (cq, cs), (eq, es) = fn(x), torch.ops.fp8_fx.triton_quantize(x, granularity, "gelu_tanh")
+    assert torch.equal(cs, es) and torch.equal(cq.view(torch.uint8), eq.view(torch.uint8))
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+def test_backend_uses_triton_quantize_on_the_gpu(granularity):
+    torch.manual_seed(0)
+    model = WanLikeModel("diffusers", dim=256, ffn_dim=512, heads=4, in_dim=64, layers=1).to(CUDA, torch.bfloat16).eval()
+    x = torch.randn(2, 128, 64, device=CUDA, dtype=torch.bfloat16)
+    ctx = torch.randn(2, 32, 256, device=CUDA, dtype=torch.bfloat16)
+    outs = {}
+    for use in (True, False):
+        backend = make_fp8_backend(FP8Config(granularity=granularity, triton_quantize=use))
+        with torch.no_grad():
+            outs[use] = torch.compile(model, backend=backend, fullgraph=True)(x, ctx)
+        torch._dynamo.reset()
+        activations = sorted(n.args[2] for g in backend.graphs for n in g.graph.nodes
+                             if n.target is torch.ops.fp8_fx.triton_quantize.default)
+        assert activations == (["gelu_tanh", "none", "none", "none"] if use else [])
+    # Same recipe; only GELU's last bits differ (sigmoid form vs tanh): a few fp8 flips.
+    assert rel_err(outs[True], outs[False]) < 1e-2

@@ -1,0 +1,215 @@
+"""`fp8_fx.triton_quantize`: hand-written Triton kernels for the activations that
+Inductor cannot fuse into their producer.
+
+Inductor fuses `fp8_fx.quantize` into the kernel that computes its input (LayerNorm +
+modulation: one kernel). Two of a Wan block's quantized inputs come out of library
+kernels instead: the cuDNN attention output (to_out) and the GELU of the cuBLAS fc_in
+output (ffn.net.2). For those Inductor writes standalone kernels that were 2-4x off the
+memory bound on an H100 (benchmarks/README.md): the row-wise GELU reduction reads its
+13824-wide rows twice, the tensor-wise cast of the attention output ran at a third of
+the bandwidth, and libdevice's tanh made the GELU kernels ALU-bound.
+
+    triton_quantize(x, granularity, activation) == quantize(activation(x), granularity)
+
+- "row": one kernel, one read: a program holds whole rows (K <= MAX_ROW_K) in
+  registers, applies the activation, reduces |x| to the row amax, scales and casts.
+- "tensor": two kernels: amax (a grid-stride loop, one atomic max per program), then
+  the cast, which recomputes the activation instead of writing it out.
+GELU(tanh) is computed as x * sigmoid(2u), the same function as 0.5 x (1 + tanh u),
+with one exp. The activation is rounded to x's dtype before it is quantized, as the
+unfused graph does, and divisions are IEEE (`div_rn`), as in `ops.quantize`.
+On other devices (and without Triton) the op runs the reference: `ops.quantize`.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+
+ACTIVATIONS = ("none", "gelu_tanh", "gelu")
+MAX_ROW_K = 16384  # whole rows in registers: 16384 fp32 values over 512 threads
+
+try:
+    import triton
+    import triton.language as tl
+    try:
+        from triton.language.extra import libdevice
+    except ImportError:  # older Triton layouts
+        from triton.language.extra.cuda import libdevice
+except ImportError:
+    triton = None
+
+
+def available() -> bool:
+    """Whether the Triton kernels can run here (Triton installed, a CUDA GPU)."""
+    return triton is not None and torch.cuda.is_available()
+
+
+def supports(granularity: str, in_features: int) -> bool:
+    return granularity == "tensor" or in_features <= MAX_ROW_K
+
+
+def reference(x: torch.Tensor, granularity: str, activation: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The unfused graph: the activation in x's dtype, then `ops.quantize`."""
+    if activation == "gelu_tanh":
+        x = F.gelu(x, approximate="tanh")
+    elif activation == "gelu":
+        x = F.gelu(x)
+    elif activation != "none":
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return ops._quantize(x, granularity)
+
+
+if triton is not None:
+    @triton.jit
+    def _activation(x, ACT: tl.constexpr):
+        if ACT == 1:  # GELU, tanh approximation: x * sigmoid(2 * sqrt(2/pi) * (x + 0.044715 x^3))
+            u = 1.5957691216057308 * (x + 0.044715 * x * x * x)
+            x = x / (1.0 + tl.exp(-u))
+        elif ACT == 2:  # GELU, exact
+            x = 0.5 * x * (1.0 + libdevice.erf(x * 0.7071067811865476))
+        return x
+
+    @triton.jit
+    def _load_activated(ptr, offsets, mask, ACT: tl.constexpr):
+        x = tl.load(ptr + offsets, mask=mask, other=0.0)
+        v = x.to(tl.float32)
+        if ACT != 0:  # the unfused graph rounds the activation to x's dtype
+            v = _activation(v, ACT).to(x.dtype).to(tl.float32)
+        return v
+
+    @triton.jit
+    def _max_keep_nan(a, b):
+        return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+    @triton.jit
+    def _scale_and_cast(v, amax, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+        """amax (broadcastable to v) -> scale = clamp(amax / 448, MIN_SCALE) and
+        fp8 = clamp(v / scale, -448, 448), NaN kept as torch.clamp keeps it."""
+        scale = libdevice.div_rn(amax, tl.full(amax.shape, FP8_MAX, tl.float32))
+        scale = tl.maximum(scale, MIN_SCALE, propagate_nan=tl.PropagateNan.ALL)
+        q = libdevice.div_rn(v, tl.broadcast_to(scale, v.shape))
+        q = tl.minimum(tl.maximum(q, -FP8_MAX, propagate_nan=tl.PropagateNan.ALL), FP8_MAX,
+                       propagate_nan=tl.PropagateNan.ALL)
+        return q.to(tl.float8e4nv), scale
+
+    @triton.jit
+    def _rowwise_kernel(x_ptr, q_ptr, scale_ptr, M, K, ACT: tl.constexpr, ROWS: tl.constexpr,
+                        BLOCK_K: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_K)
+        mask = (rows[:, None] < M) & (cols[None, :] < K)
+        offsets = rows[:, None] * K + cols[None, :]
+        v = _load_activated(x_ptr, offsets, mask, ACT)
+        amax = tl.reduce(tl.abs(v), 1, _max_keep_nan, keep_dims=True)  # (ROWS, 1)
+        q, scale = _scale_and_cast(v, amax, FP8_MAX, MIN_SCALE)
+        tl.store(q_ptr + offsets, q, mask=mask)
+        tl.store(scale_ptr + rows[:, None], scale, mask=rows[:, None] < M)
+
+    @triton.jit
+    def _amax_kernel(x_ptr, amax_bits_ptr, N, ACT: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(pid * BLOCK, N, step):
+            offsets = start + tl.arange(0, BLOCK)
+            v = _load_activated(x_ptr, offsets, offsets < N, ACT)
+            acc = tl.maximum(acc, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
+        amax = tl.reduce(acc, 0, _max_keep_nan)
+        # amax >= 0 (or +NaN): its bits order like the float, so an int32 atomic max
+        # works, and NaN (0x7fc00000) wins over inf (0x7f800000) as torch.amax's NaN does.
+        tl.atomic_max(amax_bits_ptr, amax.to(tl.int32, bitcast=True))
+
+    @triton.jit
+    def _cast_kernel(x_ptr, q_ptr, amax_bits_ptr, scale_ptr, N, ACT: tl.constexpr,
+                     BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+        pid = tl.program_id(0)
+        one = tl.arange(0, 1)
+        amax = tl.load(amax_bits_ptr + one).to(tl.float32, bitcast=True)
+        offsets = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < N
+        v = _load_activated(x_ptr, offsets, mask, ACT)
+        q, scale = _scale_and_cast(v, amax, FP8_MAX, MIN_SCALE)
+        tl.store(q_ptr + offsets, q, mask=mask)
+        tl.store(scale_ptr + one, scale, mask=(one == 0) & (pid == 0))
+
+
+_ACT_ID = {"none": 0, "gelu_tanh": 1, "gelu": 2}
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def rowwise_launch_config(k: int) -> Tuple[int, int]:
+    """(rows per program, warps): about 4096 values per program, 4-16 per thread."""
+    block_k = triton.next_power_of_2(k)
+    rows = max(1, 4096 // block_k)
+    return rows, (16 if rows * block_k >= 8192 else 8)
+
+
+def _quantize_rows(x2d: torch.Tensor, act: int, rows: Optional[int] = None,
+                   num_warps: Optional[int] = None):
+    from torch.library import wrap_triton
+    m, k = x2d.shape
+    default_rows, default_warps = rowwise_launch_config(k)
+    rows, num_warps = rows or default_rows, num_warps or default_warps
+    xq = torch.empty((m, k), dtype=ops.FP8_DTYPE, device=x2d.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x2d.device)
+    wrap_triton(_rowwise_kernel)[(triton.cdiv(m, rows),)](
+        x2d, xq, scale, m, k, ACT=act, ROWS=rows, BLOCK_K=triton.next_power_of_2(k),
+        FP8_MAX=ops.FP8_MAX, MIN_SCALE=ops.MIN_SCALE, num_warps=num_warps)
+    return xq, scale
+
+
+def _quantize_tensor(x2d: torch.Tensor, act: int, amax_block: int = 4096, programs_per_sm: int = 4,
+                     cast_block: int = 4096, num_warps: int = 8):
+    from torch.library import wrap_triton
+    n = x2d.numel()
+    xq = torch.empty(x2d.shape, dtype=ops.FP8_DTYPE, device=x2d.device)
+    scale = torch.empty((), dtype=torch.float32, device=x2d.device)
+    amax_bits = torch.zeros(1, dtype=torch.int32, device=x2d.device)
+    programs = _num_sms(x2d.device.index or 0) * programs_per_sm
+    wrap_triton(_amax_kernel)[(programs,)](x2d, amax_bits, n, ACT=act, BLOCK=amax_block,
+                                           num_warps=num_warps)
+    wrap_triton(_cast_kernel)[(triton.cdiv(n, cast_block),)](
+        x2d, xq, amax_bits, scale, n, ACT=act, BLOCK=cast_block,
+        FP8_MAX=ops.FP8_MAX, MIN_SCALE=ops.MIN_SCALE, num_warps=num_warps)
+    return xq, scale
+
+
+def _triton_quantize(x: torch.Tensor, granularity: str, activation: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`quantize(activation(x), granularity)` (same shapes: fp8 like x, scale () or
+    (..., 1)); Triton kernels on CUDA, the reference elsewhere."""
+    if activation not in _ACT_ID:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    k = x.shape[-1]
+    if (triton is None or x.device.type != "cuda" or x.numel() == 0
+            or not supports(granularity, k)):
+        return reference(x, granularity, activation)
+    x2d = x.reshape(-1, k).contiguous()
+    if granularity == "row":
+        xq, scale = _quantize_rows(x2d, _ACT_ID[activation])
+        return xq.view(x.shape), scale.view(*x.shape[:-1], 1)
+    if granularity == "tensor":
+        xq, scale = _quantize_tensor(x2d, _ACT_ID[activation])
+        return xq.view(x.shape), scale
+    raise ValueError(f"granularity must be 'tensor' or 'row', got {granularity!r}")
+
+
+# triton_op lets Inductor trace through to the Triton kernels and schedule them itself;
+# without Triton (CPU-only torch) the same op is a plain custom op running the reference.
+if triton is not None:
+    triton_quantize = torch.library.triton_op("fp8_fx::triton_quantize", mutates_args=())(_triton_quantize)
+else:
+    triton_quantize = torch.library.custom_op("fp8_fx::triton_quantize", mutates_args=())(_triton_quantize)
+
+    @triton_quantize.register_fake
+    def _(x, granularity, activation):
+        scale_shape = () if granularity == "tensor" else (*x.shape[:-1], 1)
+        return torch.empty_like(x, dtype=ops.FP8_DTYPE), x.new_empty(scale_shape, dtype=torch.float32)
