@@ -9,8 +9,12 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/n
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, torchao, diffusers; print('torch', torch.__version__, 'torchao', torchao.__version__, 'diffusers', diffusers.__version__)" 2>&1 | tail -1 | tee -a "$OUT/gpu.txt"
 if [ "${RUN_TESTS:-1}" = 1 ]; then
-  python3 -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-tests} > "$OUT/pytest.txt" 2>&1
+  timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-tests} > "$OUT/pytest.txt" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.txt" | tail -40
+fi
+if [ -n "${QUANT_ARGS+set}" ]; then
+  timeout "${QUANT_TIMEOUT:-200}" python3 benchmarks/bench_quantize.py $QUANT_ARGS --out "$OUT/quantize.json" 2>&1 \
+    | grep -v -i "warning" | tee "$OUT/quantize.txt"
 fi
 if [ -n "${BENCH_ARGS:-}" ]; then
   python3 benchmarks/bench_wan.py $BENCH_ARGS --out "$OUT/results.json" --log "$OUT/bench_kernels.log" 2>&1 \
