@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# One device call: install carried wheels, run the whole test suite (CPU tests under the
-# GPU machine's torch, plus the GPU tests), then the benchmark rows named in $BENCH_ARGS.
+# One device call: install carried wheels, run the test suite ($PYTEST_ARGS: CPU tests
+# under the GPU machine's torch, plus the GPU tests), the quantize microbenchmark
+# ($QUANT_ARGS, when set), then the benchmark rows named in $BENCH_ARGS.
+# Tests and microbenchmark stop at their *_TIMEOUT so the later stages still run.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
