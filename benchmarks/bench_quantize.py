@@ -4,14 +4,13 @@ compiling the same recipe (`quantize(gelu(x))`), at Wan 480p shapes (32,760 toke
 
     python benchmarks/bench_quantize.py [--sweep] [--out results.json]
 
-Reports median ms (CUDA events) and the effective bandwidth of the ideal traffic
+Reports CUDA kernel ms per call (torch.profiler) and the effective bandwidth of the ideal traffic
 (row: read x once, write fp8; tensor: read x twice, write fp8).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
@@ -28,18 +27,25 @@ CASES = [  # (label, K, activation): the unfusable inputs of a Wan block
 TOKENS = 32760
 
 
-def median_ms(fn, iters=20):
+def kernel_ms(fn, iters=10):
+    """{kernel name: mean CUDA time per call, ms} from torch.profiler: GPU time only, so
+    the host's launch overhead (large for eager wrap_triton calls) does not count."""
+    from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    times = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            times[e.name] = times.get(e.name, 0.0) + e.device_time / 1e3 / iters
+    return times
+
+
+def total_ms(fn):
+    return sum(kernel_ms(fn).values())
 
 
 def inductor_recipe(activation, granularity):
@@ -48,6 +54,29 @@ def inductor_recipe(activation, granularity):
             x = F.gelu(x, approximate="tanh")
         return ops.quantize(x, granularity)
     return torch.compile(recipe)
+
+
+def sweep(x2d, act, granularity):
+    """Kernel ms per launch config (tensor: amax and cast kernels timed apart)."""
+    k = x2d.shape[1]
+    out = {}
+    if granularity == "row":
+        whole = tq.triton.next_power_of_2(k)
+        configs = [tq.RowConfig(r, whole, w) for r in (1, 2, 4) for w in (4, 8, 16) if r * whole <= 16384]
+        configs += [tq.RowConfig(r, b, w) for b in (512, 1024, 2048, 4096) if b < k
+                    for r in (1, 2, 4) for w in (4, 8) if r * b <= 8192]
+        for c in configs:
+            out[f"rows={c.rows},block_k={c.block_k},warps={c.num_warps}"] = round(
+                total_ms(lambda: tq._quantize_rows(x2d, act, c)), 4)
+    else:
+        for block in (1024, 2048, 4096, 8192):
+            for warps in (4, 8, 16):
+                for per_sm in (2, 4, 8):
+                    c = tq.TensorConfig(block, warps, per_sm, block, warps)
+                    t = kernel_ms(lambda: tq._quantize_tensor(x2d, act, c))
+                    out[f"block={block},warps={warps},per_sm={per_sm}"] = {
+                        name: round(ms, 4) for name, ms in t.items() if name in ("_amax_kernel", "_cast_kernel")}
+    return out
 
 
 def main():
@@ -60,8 +89,8 @@ def main():
         x = torch.randn(TOKENS, k, device="cuda", dtype=torch.bfloat16) * 2
         for granularity in ("tensor", "row"):
             traffic = x.numel() * (2 * (2 if granularity == "tensor" else 1) + 1)
-            ours = median_ms(lambda: tq.triton_quantize(x, granularity, act))
-            inductor = median_ms(lambda f=inductor_recipe(act, granularity): f(x))
+            ours = total_ms(lambda: tq.triton_quantize(x, granularity, act))
+            inductor = total_ms(lambda f=inductor_recipe(act, granularity): f(x))
             same = [torch.equal(a.view(torch.uint8) if a.dtype == ops.FP8_DTYPE else a,
                                 b.view(torch.uint8) if b.dtype == ops.FP8_DTYPE else b)
                     for a, b in zip(tq.triton_quantize(x, granularity, act),
@@ -69,26 +98,9 @@ def main():
             row = dict(case=label, tokens=TOKENS, k=k, activation=act, granularity=granularity,
                        triton_ms=round(ours, 4), inductor_ms=round(inductor, 4),
                        triton_gbps=round(traffic / ours / 1e6), inductor_gbps=round(traffic / inductor / 1e6),
-                       equal_to_eager_reference=same)
+                       bitwise_equal_to_eager_recipe=same)
             if args.sweep:
-                x2d = x.reshape(-1, k)
-                a = tq._ACT_ID[act]
-                sweep = {}
-                if granularity == "row":
-                    block_k = tq.triton.next_power_of_2(k)
-                    for rows_ in (1, 2, 4, 8):
-                        for warps in (4, 8, 16):
-                            if rows_ * block_k <= 32768:
-                                sweep[f"rows={rows_},warps={warps}"] = median_ms(
-                                    lambda: tq._quantize_rows(x2d, a, rows_, warps))
-                else:
-                    for block in (1024, 2048, 4096, 8192):
-                        for warps in (4, 8, 16):
-                            for per_sm in (2, 4, 8):
-                                sweep[f"block={block},warps={warps},per_sm={per_sm}"] = median_ms(
-                                    lambda: tq._quantize_tensor(x2d, a, block, per_sm, block, warps), iters=10)
-                best = min(sweep, key=sweep.get)
-                row.update(best_config=best, best_ms=round(sweep[best], 4))
+                row["sweep"] = sweep(x.reshape(-1, k), tq._ACT_ID[act], granularity)
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.out:

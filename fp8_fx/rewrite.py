@@ -297,7 +297,7 @@ def rewrite_linears(gm: torch.fx.GraphModule, config: FP8Config,
                 if key not in fp8_inputs:  # q, k and v share one quantization
                     x_name = linear.x.name
                     source = triton_quantize_input(linear.x) if action == "scaled_mm" and use_triton else None
-                    if source is not None and triton_quantize.supports(granularity, int(w.shape[-1])):
+                    if source is not None:
                         quant = _call(graph, torch.ops.fp8_fx.triton_quantize.default,
                                       (source[0], granularity, source[1]), f"{x_name}_quantized")
                     else:

@@ -22,6 +22,7 @@ On other devices (and without Triton) the op runs the reference: `ops.quantize`.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional, Tuple
 
@@ -31,7 +32,6 @@ import torch.nn.functional as F
 from . import ops
 
 ACTIVATIONS = ("none", "gelu_tanh", "gelu")
-MAX_ROW_K = 16384  # whole rows in registers: 16384 fp32 values over 512 threads
 
 try:
     import triton
@@ -47,10 +47,6 @@ except ImportError:
 def available() -> bool:
     """Whether the Triton kernels can run here (Triton installed, a CUDA GPU)."""
     return triton is not None and torch.cuda.is_available()
-
-
-def supports(granularity: str, in_features: int) -> bool:
-    return granularity == "tensor" or in_features <= MAX_ROW_K
 
 
 def reference(x: torch.Tensor, granularity: str, activation: str) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -69,14 +65,14 @@ if triton is not None:
     def _activation(x, ACT: tl.constexpr):
         if ACT == 1:  # GELU, tanh approximation: x * sigmoid(2 * sqrt(2/pi) * (x + 0.044715 x^3))
             u = 1.5957691216057308 * (x + 0.044715 * x * x * x)
-            x = x / (1.0 + tl.exp(-u))
+            x = tl.math.fdiv(x, 1.0 + tl.exp(-u))  # fast division: rounded to bf16 next
         elif ACT == 2:  # GELU, exact
             x = 0.5 * x * (1.0 + libdevice.erf(x * 0.7071067811865476))
         return x
 
     @triton.jit
-    def _load_activated(ptr, offsets, mask, ACT: tl.constexpr):
-        x = tl.load(ptr + offsets, mask=mask, other=0.0)
+    def _load_activated(ptr, offsets, mask, ACT: tl.constexpr, EVICTION: tl.constexpr):
+        x = tl.load(ptr + offsets, mask=mask, other=0.0, eviction_policy=EVICTION)
         v = x.to(tl.float32)
         if ACT != 0:  # the unfused graph rounds the activation to x's dtype
             v = _activation(v, ACT).to(x.dtype).to(tl.float32)
@@ -87,28 +83,53 @@ if triton is not None:
         return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
     @triton.jit
-    def _scale_and_cast(v, amax, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
-        """amax (broadcastable to v) -> scale = clamp(amax / 448, MIN_SCALE) and
-        fp8 = clamp(v / scale, -448, 448), NaN kept as torch.clamp keeps it."""
+    def _scale(amax, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+        """clamp(amax / 448, MIN_SCALE), NaN kept (as torch.clamp keeps it)."""
         scale = libdevice.div_rn(amax, tl.full(amax.shape, FP8_MAX, tl.float32))
-        scale = tl.maximum(scale, MIN_SCALE, propagate_nan=tl.PropagateNan.ALL)
+        return tl.maximum(scale, MIN_SCALE, propagate_nan=tl.PropagateNan.ALL)
+
+    @triton.jit
+    def _cast(v, scale, FP8_MAX: tl.constexpr):
+        """clamp(v / scale, -448, 448) -> e4m3 (round to nearest even), NaN kept."""
         q = libdevice.div_rn(v, tl.broadcast_to(scale, v.shape))
         q = tl.minimum(tl.maximum(q, -FP8_MAX, propagate_nan=tl.PropagateNan.ALL), FP8_MAX,
                        propagate_nan=tl.PropagateNan.ALL)
-        return q.to(tl.float8e4nv), scale
+        return q.to(tl.float8e4nv)
 
     @triton.jit
     def _rowwise_kernel(x_ptr, q_ptr, scale_ptr, M, K, ACT: tl.constexpr, ROWS: tl.constexpr,
                         BLOCK_K: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+        """Whole rows (BLOCK_K >= K) in registers: one read."""
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK_K)
         mask = (rows[:, None] < M) & (cols[None, :] < K)
         offsets = rows[:, None] * K + cols[None, :]
-        v = _load_activated(x_ptr, offsets, mask, ACT)
-        amax = tl.reduce(tl.abs(v), 1, _max_keep_nan, keep_dims=True)  # (ROWS, 1)
-        q, scale = _scale_and_cast(v, amax, FP8_MAX, MIN_SCALE)
-        tl.store(q_ptr + offsets, q, mask=mask)
+        v = _load_activated(x_ptr, offsets, mask, ACT, "evict_first")
+        scale = _scale(tl.reduce(tl.abs(v), 1, _max_keep_nan, keep_dims=True), FP8_MAX, MIN_SCALE)
+        tl.store(q_ptr + offsets, _cast(v, scale, FP8_MAX), mask=mask)
         tl.store(scale_ptr + rows[:, None], scale, mask=rows[:, None] < M)
+
+    @triton.jit
+    def _rowwise_looped_kernel(x_ptr, q_ptr, scale_ptr, M, K, ACT: tl.constexpr, ROWS: tl.constexpr,
+                               BLOCK_K: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+        """Rows in BLOCK_K chunks: amax loop, then cast loop; the second read of the
+        row (a few KB, just read) comes from L2, so DRAM sees one read."""
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        row_mask = rows[:, None] < M
+        acc = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            mask = row_mask & (cols[None, :] < K)
+            v = _load_activated(x_ptr, rows[:, None] * K + cols[None, :], mask, ACT, "evict_last")
+            acc = tl.maximum(acc, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
+        scale = _scale(tl.reduce(acc, 1, _max_keep_nan, keep_dims=True), FP8_MAX, MIN_SCALE)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            mask = row_mask & (cols[None, :] < K)
+            offsets = rows[:, None] * K + cols[None, :]
+            v = _load_activated(x_ptr, offsets, mask, ACT, "evict_first")
+            tl.store(q_ptr + offsets, _cast(v, scale, FP8_MAX), mask=mask)
+        tl.store(scale_ptr + rows[:, None], scale, mask=row_mask)
 
     @triton.jit
     def _amax_kernel(x_ptr, amax_bits_ptr, N, ACT: tl.constexpr, BLOCK: tl.constexpr):
@@ -117,7 +138,7 @@ if triton is not None:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(pid * BLOCK, N, step):
             offsets = start + tl.arange(0, BLOCK)
-            v = _load_activated(x_ptr, offsets, offsets < N, ACT)
+            v = _load_activated(x_ptr, offsets, offsets < N, ACT, "")
             acc = tl.maximum(acc, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
         amax = tl.reduce(acc, 0, _max_keep_nan)
         # amax >= 0 (or +NaN): its bits order like the float, so an int32 atomic max
@@ -129,12 +150,11 @@ if triton is not None:
                      BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
         pid = tl.program_id(0)
         one = tl.arange(0, 1)
-        amax = tl.load(amax_bits_ptr + one).to(tl.float32, bitcast=True)
+        scale = _scale(tl.load(amax_bits_ptr + one).to(tl.float32, bitcast=True), FP8_MAX, MIN_SCALE)
         offsets = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < N
-        v = _load_activated(x_ptr, offsets, mask, ACT)
-        q, scale = _scale_and_cast(v, amax, FP8_MAX, MIN_SCALE)
-        tl.store(q_ptr + offsets, q, mask=mask)
+        v = _load_activated(x_ptr, offsets, mask, ACT, "evict_first")
+        tl.store(q_ptr + offsets, _cast(v, scale, FP8_MAX), mask=mask)
         tl.store(scale_ptr + one, scale, mask=(one == 0) & (pid == 0))
 
 
@@ -146,40 +166,59 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def rowwise_launch_config(k: int) -> Tuple[int, int]:
-    """(rows per program, warps): about 4096 values per program, 4-16 per thread."""
-    block_k = triton.next_power_of_2(k)
-    rows = max(1, 4096 // block_k)
-    return rows, (16 if rows * block_k >= 8192 else 8)
+@dataclasses.dataclass(frozen=True)
+class RowConfig:
+    rows: int  # rows per program
+    block_k: int  # columns per step; >= K: whole rows in registers (one pass)
+    num_warps: int
 
 
-def _quantize_rows(x2d: torch.Tensor, act: int, rows: Optional[int] = None,
-                   num_warps: Optional[int] = None):
+@dataclasses.dataclass(frozen=True)
+class TensorConfig:
+    amax_block: int
+    amax_warps: int
+    programs_per_sm: int  # amax: a grid-stride loop over this many programs per SM
+    cast_block: int
+    cast_warps: int
+
+
+def row_config(k: int) -> RowConfig:
+    """Launch config by row width (H100 sweep: benchmarks/bench_quantize.py --sweep)."""
+    whole = triton.next_power_of_2(k)
+    if whole <= 2048:
+        return RowConfig(rows=max(1, 4096 // whole), block_k=whole, num_warps=8)
+    return RowConfig(rows=1, block_k=2048, num_warps=8)
+
+
+TENSOR_CONFIG = TensorConfig(amax_block=4096, amax_warps=8, programs_per_sm=4,
+                             cast_block=4096, cast_warps=8)
+
+
+def _quantize_rows(x2d: torch.Tensor, act: int, config: Optional[RowConfig] = None):
     from torch.library import wrap_triton
     m, k = x2d.shape
-    default_rows, default_warps = rowwise_launch_config(k)
-    rows, num_warps = rows or default_rows, num_warps or default_warps
+    c = config or row_config(k)
+    kernel = _rowwise_kernel if c.block_k >= k else _rowwise_looped_kernel
     xq = torch.empty((m, k), dtype=ops.FP8_DTYPE, device=x2d.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x2d.device)
-    wrap_triton(_rowwise_kernel)[(triton.cdiv(m, rows),)](
-        x2d, xq, scale, m, k, ACT=act, ROWS=rows, BLOCK_K=triton.next_power_of_2(k),
-        FP8_MAX=ops.FP8_MAX, MIN_SCALE=ops.MIN_SCALE, num_warps=num_warps)
+    wrap_triton(kernel)[(triton.cdiv(m, c.rows),)](
+        x2d, xq, scale, m, k, ACT=act, ROWS=c.rows, BLOCK_K=c.block_k,
+        FP8_MAX=ops.FP8_MAX, MIN_SCALE=ops.MIN_SCALE, num_warps=c.num_warps)
     return xq, scale
 
 
-def _quantize_tensor(x2d: torch.Tensor, act: int, amax_block: int = 4096, programs_per_sm: int = 4,
-                     cast_block: int = 4096, num_warps: int = 8):
+def _quantize_tensor(x2d: torch.Tensor, act: int, config: TensorConfig = TENSOR_CONFIG):
     from torch.library import wrap_triton
-    n = x2d.numel()
+    n, c = x2d.numel(), config
     xq = torch.empty(x2d.shape, dtype=ops.FP8_DTYPE, device=x2d.device)
     scale = torch.empty((), dtype=torch.float32, device=x2d.device)
     amax_bits = torch.zeros(1, dtype=torch.int32, device=x2d.device)
-    programs = _num_sms(x2d.device.index or 0) * programs_per_sm
-    wrap_triton(_amax_kernel)[(programs,)](x2d, amax_bits, n, ACT=act, BLOCK=amax_block,
-                                           num_warps=num_warps)
-    wrap_triton(_cast_kernel)[(triton.cdiv(n, cast_block),)](
-        x2d, xq, amax_bits, scale, n, ACT=act, BLOCK=cast_block,
-        FP8_MAX=ops.FP8_MAX, MIN_SCALE=ops.MIN_SCALE, num_warps=num_warps)
+    programs = _num_sms(x2d.device.index or 0) * c.programs_per_sm
+    wrap_triton(_amax_kernel)[(programs,)](x2d, amax_bits, n, ACT=act, BLOCK=c.amax_block,
+                                           num_warps=c.amax_warps)
+    wrap_triton(_cast_kernel)[(triton.cdiv(n, c.cast_block),)](
+        x2d, xq, amax_bits, scale, n, ACT=act, BLOCK=c.cast_block,
+        FP8_MAX=ops.FP8_MAX, MIN_SCALE=ops.MIN_SCALE, num_warps=c.cast_warps)
     return xq, scale
 
 
@@ -189,8 +228,7 @@ def _triton_quantize(x: torch.Tensor, granularity: str, activation: str) -> Tupl
     if activation not in _ACT_ID:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     k = x.shape[-1]
-    if (triton is None or x.device.type != "cuda" or x.numel() == 0
-            or not supports(granularity, k)):
+    if triton is None or x.device.type != "cuda" or x.numel() == 0:
         return reference(x, granularity, activation)
     x2d = x.reshape(-1, k).contiguous()
     if granularity == "row":

@@ -404,18 +404,6 @@ def test_inputs_out_of_library_kernels_get_triton_quantize():
     assert {op for op, _, _ in _quantize_calls(fallback.graph_module)} == {"quantize"}
 
 
-def test_rows_too_wide_for_one_kernel_stay_with_inductor():
-    from fp8_fx.rewrite import rewrite_linears
-    from fp8_fx.triton_quantize import MAX_ROW_K
-    from wan_like import WanLikeBlock
-    block = WanLikeBlock("diffusers", dim=32, ffn_dim=MAX_ROW_K + 16, heads=2).eval()
-    gm = _dynamo_graph(block, torch.randn(1, 8, 32), torch.randn(1, 4, 32))
-    row = _quantize_calls(rewrite_linears(gm, FP8Config(granularity="row"), fp8_tensor_cores=True).graph_module)
-    tensor = _quantize_calls(rewrite_linears(gm, FP8Config(), fp8_tensor_cores=True).graph_module)
-    assert row[-1][:2] == ("quantize", None)  # GELU output rows of MAX_ROW_K + 16
-    assert tensor[-1][:2] == ("triton_quantize", "gelu_tanh")
-
-
 @pytest.mark.parametrize("granularity", ["tensor", "row"])
 @pytest.mark.parametrize("activation", ["none", "gelu_tanh", "gelu"])
 def test_triton_quantize_off_the_gpu_is_the_recipe(granularity, activation):

@@ -143,6 +143,7 @@ def _activation64(x, activation):
 def _check_against_reference(x, granularity, activation):
     from reference import reference_quantize
     xq, xs = torch.ops.fp8_fx.triton_quantize(x, granularity, activation)
+    xq, xs, x = xq.cpu(), xs.cpu(), x.cpu()  # the reference's log2 must be exact: CPU
     ref_q, ref_s = reference_quantize(_activation64(x, activation), granularity)
     assert xq.dtype == torch.float8_e4m3fn and xq.shape == x.shape
     assert xs.dtype == torch.float32 and xs.shape == ref_s.shape
@@ -173,9 +174,9 @@ def test_triton_quantize_against_float64_reference(granularity, activation, dtyp
 
 @pytest.mark.parametrize("granularity", ["tensor", "row"])
 def test_triton_quantize_at_a_wan_14b_ffn_shape(granularity):
-    # 4096 x 13824: many grid-stride iterations for the tensor amax, 16384-wide row blocks
+    # 2048 x 13824: several grid-stride iterations for the tensor amax, looped rows
     torch.manual_seed(1)
-    x = torch.randn(4096, 13824, device=CUDA, dtype=torch.bfloat16) * 2
+    x = torch.randn(2048, 13824, device=CUDA, dtype=torch.bfloat16) * 2
     _check_against_reference(x, granularity, "gelu_tanh")
     _check_against_reference(x, granularity, "none")
 
