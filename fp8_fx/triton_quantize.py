@@ -11,13 +11,18 @@ the bandwidth, and libdevice's tanh made the GELU kernels ALU-bound.
 
     triton_quantize(x, granularity, activation) == quantize(activation(x), granularity)
 
-- "row": one kernel, one read: a program holds whole rows (K <= MAX_ROW_K) in
-  registers, applies the activation, reduces |x| to the row amax, scales and casts.
+- "row": one kernel: a program takes a few rows in chunks, reduces |x| to the row amax,
+  then scales and casts the chunks again; the second read comes from L2 (the rows were
+  just read), so memory sees one read.
 - "tensor": two kernels: amax (a grid-stride loop, one atomic max per program), then
   the cast, which recomputes the activation instead of writing it out.
 GELU(tanh) is computed as x * sigmoid(2u), the same function as 0.5 x (1 + tanh u),
-with one exp. The activation is rounded to x's dtype before it is quantized, as the
-unfused graph does, and divisions are IEEE (`div_rn`), as in `ops.quantize`.
+with one exp and a fast division. The activation is rounded to x's dtype before it is
+quantized, as the unfused graph does. Scales are IEEE (`div_rn`, bit-exact with
+`ops.quantize`); values are multiplied by 1/scale (an IEEE division per value kept the
+GELU kernels ALU-bound), which moves an fp8 code only where x / scale lies within an
+fp32 ulp of a rounding tie: a few per million values, by one fp8 step.
+Launch configs come from an H100 sweep (benchmarks/bench_quantize.py --sweep).
 On other devices (and without Triton) the op runs the reference: `ops.quantize`.
 """
 from __future__ import annotations
@@ -84,14 +89,17 @@ if triton is not None:
 
     @triton.jit
     def _scale(amax, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
-        """clamp(amax / 448, MIN_SCALE), NaN kept (as torch.clamp keeps it)."""
+        """(scale, 1 / scale): scale = clamp(amax / 448, MIN_SCALE), NaN kept (as
+        torch.clamp keeps it), both divisions IEEE."""
         scale = libdevice.div_rn(amax, tl.full(amax.shape, FP8_MAX, tl.float32))
-        return tl.maximum(scale, MIN_SCALE, propagate_nan=tl.PropagateNan.ALL)
+        scale = tl.maximum(scale, MIN_SCALE, propagate_nan=tl.PropagateNan.ALL)
+        return scale, libdevice.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
 
     @triton.jit
-    def _cast(v, scale, FP8_MAX: tl.constexpr):
-        """clamp(v / scale, -448, 448) -> e4m3 (round to nearest even), NaN kept."""
-        q = libdevice.div_rn(v, tl.broadcast_to(scale, v.shape))
+    def _cast(v, inv_scale, FP8_MAX: tl.constexpr):
+        """clamp(v * (1 / scale), -448, 448) -> e4m3 (round to nearest even), NaN kept.
+        A multiply, not an IEEE division per value (see the module docstring)."""
+        q = v * tl.broadcast_to(inv_scale, v.shape)
         q = tl.minimum(tl.maximum(q, -FP8_MAX, propagate_nan=tl.PropagateNan.ALL), FP8_MAX,
                        propagate_nan=tl.PropagateNan.ALL)
         return q.to(tl.float8e4nv)
@@ -99,19 +107,6 @@ if triton is not None:
     @triton.jit
     def _rowwise_kernel(x_ptr, q_ptr, scale_ptr, M, K, ACT: tl.constexpr, ROWS: tl.constexpr,
                         BLOCK_K: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
-        """Whole rows (BLOCK_K >= K) in registers: one read."""
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK_K)
-        mask = (rows[:, None] < M) & (cols[None, :] < K)
-        offsets = rows[:, None] * K + cols[None, :]
-        v = _load_activated(x_ptr, offsets, mask, ACT, "evict_first")
-        scale = _scale(tl.reduce(tl.abs(v), 1, _max_keep_nan, keep_dims=True), FP8_MAX, MIN_SCALE)
-        tl.store(q_ptr + offsets, _cast(v, scale, FP8_MAX), mask=mask)
-        tl.store(scale_ptr + rows[:, None], scale, mask=rows[:, None] < M)
-
-    @triton.jit
-    def _rowwise_looped_kernel(x_ptr, q_ptr, scale_ptr, M, K, ACT: tl.constexpr, ROWS: tl.constexpr,
-                               BLOCK_K: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
         """Rows in BLOCK_K chunks: amax loop, then cast loop; the second read of the
         row (a few KB, just read) comes from L2, so DRAM sees one read."""
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -122,13 +117,13 @@ if triton is not None:
             mask = row_mask & (cols[None, :] < K)
             v = _load_activated(x_ptr, rows[:, None] * K + cols[None, :], mask, ACT, "evict_last")
             acc = tl.maximum(acc, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
-        scale = _scale(tl.reduce(acc, 1, _max_keep_nan, keep_dims=True), FP8_MAX, MIN_SCALE)
+        scale, inv_scale = _scale(tl.reduce(acc, 1, _max_keep_nan, keep_dims=True), FP8_MAX, MIN_SCALE)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             mask = row_mask & (cols[None, :] < K)
             offsets = rows[:, None] * K + cols[None, :]
             v = _load_activated(x_ptr, offsets, mask, ACT, "evict_first")
-            tl.store(q_ptr + offsets, _cast(v, scale, FP8_MAX), mask=mask)
+            tl.store(q_ptr + offsets, _cast(v, inv_scale, FP8_MAX), mask=mask)
         tl.store(scale_ptr + rows[:, None], scale, mask=row_mask)
 
     @triton.jit
@@ -150,11 +145,11 @@ if triton is not None:
                      BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
         pid = tl.program_id(0)
         one = tl.arange(0, 1)
-        scale = _scale(tl.load(amax_bits_ptr + one).to(tl.float32, bitcast=True), FP8_MAX, MIN_SCALE)
+        scale, inv_scale = _scale(tl.load(amax_bits_ptr + one).to(tl.float32, bitcast=True), FP8_MAX, MIN_SCALE)
         offsets = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < N
         v = _load_activated(x_ptr, offsets, mask, ACT, "evict_first")
-        tl.store(q_ptr + offsets, _cast(v, scale, FP8_MAX), mask=mask)
+        tl.store(q_ptr + offsets, _cast(v, inv_scale, FP8_MAX), mask=mask)
         tl.store(scale_ptr + one, scale, mask=(one == 0) & (pid == 0))
 
 
@@ -169,7 +164,7 @@ def _num_sms(index: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class RowConfig:
     rows: int  # rows per program
-    block_k: int  # columns per step; >= K: whole rows in registers (one pass)
+    block_k: int  # columns per step
     num_warps: int
 
 
@@ -183,25 +178,25 @@ class TensorConfig:
 
 
 def row_config(k: int) -> RowConfig:
-    """Launch config by row width (H100 sweep: benchmarks/bench_quantize.py --sweep)."""
-    whole = triton.next_power_of_2(k)
-    if whole <= 2048:
-        return RowConfig(rows=max(1, 4096 // whole), block_k=whole, num_warps=8)
-    return RowConfig(rows=1, block_k=2048, num_warps=8)
+    """Launch config by row width, from an H100 sweep (benchmarks/bench_quantize.py
+    --sweep): chunks of 512-1024 and 4 warps beat whole rows held in registers (up to
+    16384 wide, 16 warps) at every Wan width."""
+    if k <= 2048:
+        return RowConfig(rows=4, block_k=512, num_warps=4)
+    return RowConfig(rows=2 if k <= 8192 else 1, block_k=1024, num_warps=4)
 
 
-TENSOR_CONFIG = TensorConfig(amax_block=4096, amax_warps=8, programs_per_sm=4,
-                             cast_block=4096, cast_warps=8)
+TENSOR_CONFIG = TensorConfig(amax_block=4096, amax_warps=16, programs_per_sm=8,
+                             cast_block=4096, cast_warps=4)
 
 
 def _quantize_rows(x2d: torch.Tensor, act: int, config: Optional[RowConfig] = None):
     from torch.library import wrap_triton
     m, k = x2d.shape
     c = config or row_config(k)
-    kernel = _rowwise_kernel if c.block_k >= k else _rowwise_looped_kernel
     xq = torch.empty((m, k), dtype=ops.FP8_DTYPE, device=x2d.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x2d.device)
-    wrap_triton(kernel)[(triton.cdiv(m, c.rows),)](
+    wrap_triton(_rowwise_kernel)[(triton.cdiv(m, c.rows),)](
         x2d, xq, scale, m, k, ACT=act, ROWS=c.rows, BLOCK_K=c.block_k,
         FP8_MAX=ops.FP8_MAX, MIN_SCALE=ops.MIN_SCALE, num_warps=c.num_warps)
     return xq, scale
