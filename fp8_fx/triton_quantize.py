@@ -11,12 +11,14 @@ the bandwidth, and libdevice's tanh made the GELU kernels ALU-bound.
 
     triton_quantize(x, granularity, activation) == quantize(activation(x), granularity)
 
-- "row": one kernel: a program takes a few rows in chunks, reduces |x| to the row amax,
+- "row": one kernel: a program takes a few rows in chunks, reduces them to the row amax,
   then scales and casts the chunks again; the second read comes from L2 (the rows were
   just read), so memory sees one read.
 - "tensor": two kernels: amax (a grid-stride loop, one atomic max per program), then
   the cast, which recomputes the activation instead of writing it out.
-GELU(tanh) is computed as x * sigmoid(2u), the same function as 0.5 x (1 + tanh u),
+The amax of |GELU(x)| needs no GELU per value: GELU increases for x > 0 and stays within
+0.1701 in magnitude for x <= 0, so when GELU(max x) >= 0.171 it is the amax; otherwise
+(rows of small or non-finite values) an exact pass computes it. GELU(tanh) is computed as x * sigmoid(2u), the same function as 0.5 x (1 + tanh u),
 with one exp and a fast division. The activation is rounded to x's dtype before it is
 quantized, as the unfused graph does. Scales are IEEE (`div_rn`, bit-exact with
 `ops.quantize`); values are multiplied by 1/scale (an IEEE division per value kept the
@@ -104,30 +106,66 @@ if triton is not None:
                        propagate_nan=tl.PropagateNan.ALL)
         return q.to(tl.float8e4nv)
 
+    # |GELU(x)| <= 0.17005 for x <= 0 (its minimum, at x = -0.75) and GELU increases for
+    # x > 0: when GELU(max x) >= GELU_NEGATIVE_BOUND, it is the amax of |GELU(x)|.
+    GELU_NEGATIVE_BOUND = tl.constexpr(0.171)
+    FINITE_FLOOR = tl.constexpr(-3.0e38)  # a lower min means -inf (GELU(-inf) is NaN)
+
     @triton.jit
-    def _rowwise_kernel(x_ptr, q_ptr, scale_ptr, M, K, ACT: tl.constexpr, ROWS: tl.constexpr,
-                        BLOCK_K: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
-        """Rows in BLOCK_K chunks: amax loop, then cast loop; the second read of the
-        row (a few KB, just read) comes from L2, so DRAM sees one read."""
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        row_mask = rows[:, None] < M
+    def _amax_from_extremes(xmax, xmin, ACT: tl.constexpr, DTYPE: tl.constexpr):
+        """(candidate amax, whether it is exact) of |act(x)| from max(x), min(x)."""
+        candidate = _activation(xmax, ACT).to(DTYPE).to(tl.float32)
+        exact = (candidate >= GELU_NEGATIVE_BOUND) & (xmin >= FINITE_FLOOR)  # NaN: False
+        return candidate, exact
+
+    @triton.jit
+    def _row_abs_max(x_ptr, row_offsets, row_mask, K, ACT: tl.constexpr, ROWS: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
         acc = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            mask = row_mask & (cols[None, :] < K)
-            v = _load_activated(x_ptr, rows[:, None] * K + cols[None, :], mask, ACT, "evict_last")
+            v = _load_activated(x_ptr, row_offsets + cols[None, :], row_mask & (cols[None, :] < K),
+                                ACT, "evict_last")
             acc = tl.maximum(acc, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
-        scale, inv_scale = _scale(tl.reduce(acc, 1, _max_keep_nan, keep_dims=True), FP8_MAX, MIN_SCALE)
+        return tl.reduce(acc, 1, _max_keep_nan, keep_dims=True)
+
+    @triton.jit
+    def _rowwise_kernel(x_ptr, q_ptr, scale_ptr, M, K, ACT: tl.constexpr, ROWS: tl.constexpr,
+                        BLOCK_K: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+        """Rows in BLOCK_K chunks: an amax loop, then a cast loop whose reads of the rows
+        just read come from L2, so DRAM sees one read. With an activation, the amax loop
+        only tracks max(x) and min(x) (see GELU_NEGATIVE_BOUND); rows where that cannot
+        decide take an exact pass."""
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        row_mask = rows[:, None] < M
+        row_offsets = rows[:, None] * K
+        if ACT == 0:
+            amax = _row_abs_max(x_ptr, row_offsets, row_mask, K, ACT, ROWS, BLOCK_K)
+        else:
+            hi = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
+            lo = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                v = _load_activated(x_ptr, row_offsets + cols[None, :], row_mask & (cols[None, :] < K),
+                                    0, "evict_last")
+                hi = tl.maximum(hi, v, propagate_nan=tl.PropagateNan.ALL)
+                lo = tl.minimum(lo, v)
+            amax, exact = _amax_from_extremes(tl.reduce(hi, 1, _max_keep_nan, keep_dims=True),
+                                              tl.min(lo, 1, keep_dims=True), ACT,
+                                              x_ptr.dtype.element_ty)
+            if tl.min(exact.to(tl.int32)) == 0:
+                amax = tl.where(exact, amax, _row_abs_max(x_ptr, row_offsets, row_mask, K, ACT, ROWS, BLOCK_K))
+        scale, inv_scale = _scale(amax, FP8_MAX, MIN_SCALE)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             mask = row_mask & (cols[None, :] < K)
-            offsets = rows[:, None] * K + cols[None, :]
+            offsets = row_offsets + cols[None, :]
             v = _load_activated(x_ptr, offsets, mask, ACT, "evict_first")
             tl.store(q_ptr + offsets, _cast(v, inv_scale, FP8_MAX), mask=mask)
         tl.store(scale_ptr + rows[:, None], scale, mask=row_mask)
 
     @triton.jit
-    def _amax_kernel(x_ptr, amax_bits_ptr, N, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    def _grid_stride_abs_max(x_ptr, N, ACT: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         step = tl.num_programs(0).to(tl.int64) * BLOCK
         acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -135,7 +173,28 @@ if triton is not None:
             offsets = start + tl.arange(0, BLOCK)
             v = _load_activated(x_ptr, offsets, offsets < N, ACT, "")
             acc = tl.maximum(acc, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
-        amax = tl.reduce(acc, 0, _max_keep_nan)
+        return tl.reduce(acc, 0, _max_keep_nan)
+
+    @triton.jit
+    def _amax_kernel(x_ptr, amax_bits_ptr, N, ACT: tl.constexpr, BLOCK: tl.constexpr):
+        """One atomic max per program over a grid-stride loop; with an activation, the
+        same max(x) / min(x) shortcut as the row kernel, decided per program."""
+        if ACT == 0:
+            amax = _grid_stride_abs_max(x_ptr, N, ACT, BLOCK)
+        else:
+            pid = tl.program_id(0).to(tl.int64)
+            step = tl.num_programs(0).to(tl.int64) * BLOCK
+            hi = tl.zeros([BLOCK], dtype=tl.float32)
+            lo = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(pid * BLOCK, N, step):
+                offsets = start + tl.arange(0, BLOCK)
+                v = _load_activated(x_ptr, offsets, offsets < N, 0, "")
+                hi = tl.maximum(hi, v, propagate_nan=tl.PropagateNan.ALL)
+                lo = tl.minimum(lo, v)
+            amax, exact = _amax_from_extremes(tl.reduce(hi, 0, _max_keep_nan), tl.min(lo, 0), ACT,
+                                              x_ptr.dtype.element_ty)
+            if exact.to(tl.int32) == 0:
+                amax = _grid_stride_abs_max(x_ptr, N, ACT, BLOCK)
         # amax >= 0 (or +NaN): its bits order like the float, so an int32 atomic max
         # works, and NaN (0x7fc00000) wins over inf (0x7f800000) as torch.amax's NaN does.
         tl.atomic_max(amax_bits_ptr, amax.to(tl.int32, bitcast=True))

@@ -153,9 +153,10 @@ def _check_against_reference(x, granularity, activation):
     differ = xq.double() != ref_q
     if activation == "none":
         # Scales bit-exact; the kernels multiply by 1/scale instead of dividing, which
-        # moves a value only within an fp32 ulp of an fp8 rounding tie: a few per million.
+        # moves a value only within an fp32 ulp of an fp8 rounding tie (bf16 inputs hit
+        # exact ties: a few in ten thousand), to the tie's other neighbour.
         assert torch.equal(xs, ref_s)
-        assert differ.double().mean() < 1e-4
+        assert differ.double().mean() < 1e-3
         return
     # Our GELU (fp32, x * sigmoid(2u)) and the float64 one may round to neighbouring
     # values of x's dtype: scales within one bf16 ulp and, where the scales agree, fp8
@@ -183,6 +184,35 @@ def test_triton_quantize_at_a_wan_14b_ffn_shape(granularity):
     x = torch.randn(2048, 13824, device=CUDA, dtype=torch.bfloat16) * 2
     _check_against_reference(x, granularity, "gelu_tanh")
     _check_against_reference(x, granularity, "none")
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+@pytest.mark.parametrize("activation", ["gelu_tanh", "gelu"])
+@pytest.mark.parametrize("values", ["small", "negative", "mixed_rows"])
+def test_triton_quantize_gelu_amax_when_max_x_cannot_decide(granularity, activation, values):
+    # The amax shortcut (GELU of max x) cannot decide when GELU(max x) < 0.171: rows of
+    # small or all-negative values take the exact pass; the result must not change.
+    torch.manual_seed(3)
+    x = torch.randn(64, 5120, device=CUDA, dtype=torch.bfloat16)
+    if values == "small":
+        x = x * 0.05
+    elif values == "negative":
+        x = -x.abs() - 0.3
+    else:
+        x[::2] = -x[::2].abs()  # every other row negative, the others normal
+    _check_against_reference(x, granularity, activation)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+@pytest.mark.parametrize("activation", ["none", "gelu_tanh"])
+def test_triton_quantize_propagates_minus_inf_through_gelu(granularity, activation):
+    # GELU(-inf) is NaN (as in torch): the amax is NaN, never a silent finite scale.
+    x = torch.randn(4, 1536, device=CUDA, dtype=torch.bfloat16) * 3
+    x[1, 9] = float("-inf")
+    _, xs = torch.ops.fp8_fx.triton_quantize(x, granularity, activation)
+    _, ref_s = ops.quantize(torch.nn.functional.gelu(x, approximate="tanh") if activation != "none" else x,
+                            granularity)
+    assert torch.equal(torch.isnan(xs), torch.isnan(ref_s)) and torch.equal(torch.isinf(xs), torch.isinf(ref_s))
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "row"])
