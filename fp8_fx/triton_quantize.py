@@ -241,8 +241,10 @@ def row_config(k: int) -> RowConfig:
     --sweep): chunks of 512-1024 and 4 warps beat whole rows held in registers (up to
     16384 wide, 16 warps) at every Wan width."""
     if k <= 2048:
-        return RowConfig(rows=4, block_k=512, num_warps=4)
-    return RowConfig(rows=2 if k <= 8192 else 1, block_k=1024, num_warps=4)
+        return RowConfig(rows=2, block_k=512, num_warps=4)
+    if k <= 10240:
+        return RowConfig(rows=1, block_k=1024, num_warps=4)
+    return RowConfig(rows=1, block_k=2048, num_warps=8)
 
 
 TENSOR_CONFIG = TensorConfig(amax_block=4096, amax_warps=16, programs_per_sm=8,
