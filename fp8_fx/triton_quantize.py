@@ -240,8 +240,8 @@ class TensorConfig:
 
 def row_config(k: int) -> RowConfig:
     """Launch config by row width, from an H100 sweep (benchmarks/bench_quantize.py
-    --sweep): chunks of 512-1024 and 4 warps beat whole rows held in registers (up to
-    16384 wide, 16 warps) at every Wan width."""
+    --sweep): chunks of 512-2048 beat whole rows held in registers (up to 16384 wide,
+    16 warps) at every Wan width."""
     if k <= 2048:
         return RowConfig(rows=2, block_k=512, num_warps=4)
     if k <= 10240:

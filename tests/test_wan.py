@@ -156,3 +156,8 @@ def test_inspect_cli_prints_table_and_rewritten_block(capsys):
     graph = out.split("Rewritten graph")[1]
     assert "torch.ops.fp8_fx.quantize.default" in graph and "torch.ops.fp8_fx.scaled_mm.default" in graph
     assert "blocks_1_" not in graph  # one block unless --full
+    # The diffusers block's library-fed inputs (attention outputs through permute/flatten/
+    # type_as, GELU through eval dropout) get fp8_fx's Triton kernels on the GPU path.
+    assert "torch.ops.fp8_fx.triton_quantize.default(blocks_0_ffn_net_0_proj, 'tensor', 'gelu_tanh')" in graph
+    assert graph.count("torch.ops.fp8_fx.triton_quantize.default(") == 4  # 2 attention outputs, context, GELU
+    assert graph.count("torch.ops.fp8_fx.quantize.default(") == 3  # the three LayerNorm outputs
