@@ -354,19 +354,6 @@ def test_autocast_linears_are_skipped_with_a_reason():
 
 # ---- which quantize each input gets -------------------------------------------------
 
-def _dynamo_graph(model, *inputs):
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=capture, fullgraph=True)(*inputs)
-    return graphs[0]
-
-
 def _quantize_calls(gm):
     """[(op name, activation or None, producer of the quantized input)] in graph order."""
     calls = []
@@ -379,10 +366,11 @@ def _quantize_calls(gm):
 
 
 def test_inputs_out_of_library_kernels_get_triton_quantize():
+    from fp8_fx.inspect_graph import capture_graph
     from fp8_fx.rewrite import rewrite_linears
     from wan_like import WanLikeBlock
     block = WanLikeBlock("diffusers", dim=32, ffn_dim=64, heads=2).eval()
-    gm = _dynamo_graph(block, torch.randn(1, 8, 32), torch.randn(1, 4, 32))
+    gm = capture_graph(block, torch.randn(1, 8, 32), torch.randn(1, 4, 32))
     rewritten = rewrite_linears(gm, FP8Config(), fp8_tensor_cores=True).graph_module
     calls = _quantize_calls(rewritten)
     # LayerNorm outputs: Inductor fuses the quantization into the norm kernel. Attention
