@@ -254,3 +254,19 @@ def test_backend_uses_triton_quantize_on_the_gpu(granularity):
         assert activations == (["gelu_tanh", "none", "none", "none"] if use else [])
     # Same recipe; only GELU's last bits differ (sigmoid form vs tanh): a few fp8 flips.
     assert rel_err(outs[True], outs[False]) < 1e-2
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+def test_triton_quantize_under_dynamic_sequence_length(granularity):
+    # A third sequence length makes Dynamo compile with a symbolic token count: the
+    # Triton kernels' grids and sizes are then SymInts.
+    torch.manual_seed(0)
+    model = WanLikeModel("diffusers", dim=256, ffn_dim=512, heads=4, in_dim=64, layers=1).to(CUDA, torch.bfloat16).eval()
+    ctx = torch.randn(2, 32, 256, device=CUDA, dtype=torch.bfloat16)
+    backend = make_fp8_backend(FP8Config(granularity=granularity))
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        for tokens in (128, 96, 80):
+            x = torch.randn(2, tokens, 64, device=CUDA, dtype=torch.bfloat16)
+            assert rel_err(compiled(x, ctx), model(x, ctx)) < 5e-2
+    assert any(n.target is torch.ops.fp8_fx.triton_quantize.default for g in backend.graphs for n in g.graph.nodes)
