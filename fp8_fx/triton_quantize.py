@@ -40,7 +40,8 @@ import torch.nn.functional as F
 
 from . import ops
 
-ACTIVATIONS = ("none", "gelu_tanh", "gelu")
+_ACT_ID = {"none": 0, "gelu_tanh": 1, "gelu": 2}  # the kernels' ACT constexpr
+ACTIVATIONS = tuple(_ACT_ID)
 
 try:
     import triton
@@ -58,14 +59,20 @@ def available() -> bool:
     return triton is not None and torch.cuda.is_available()
 
 
+def _check_args(granularity: str, activation: str) -> None:
+    if activation not in _ACT_ID:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if granularity not in ("tensor", "row"):
+        raise ValueError(f"granularity must be 'tensor' or 'row', got {granularity!r}")
+
+
 def reference(x: torch.Tensor, granularity: str, activation: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """The unfused graph: the activation in x's dtype, then `ops.quantize`."""
+    _check_args(granularity, activation)
     if activation == "gelu_tanh":
         x = F.gelu(x, approximate="tanh")
     elif activation == "gelu":
         x = F.gelu(x)
-    elif activation != "none":
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     return ops._quantize(x, granularity)
 
 
@@ -214,8 +221,6 @@ if triton is not None:
         tl.store(scale_ptr + one, scale, mask=(one == 0) & (pid == 0))
 
 
-_ACT_ID = {"none": 0, "gelu_tanh": 1, "gelu": 2}
-
 
 @functools.lru_cache(maxsize=None)
 def _num_sms(index: int) -> int:
@@ -283,19 +288,15 @@ def _quantize_tensor(x2d: torch.Tensor, act: int, config: TensorConfig = TENSOR_
 def _triton_quantize(x: torch.Tensor, granularity: str, activation: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """`quantize(activation(x), granularity)` (same shapes: fp8 like x, scale () or
     (..., 1)); Triton kernels on CUDA, the reference elsewhere."""
-    if activation not in _ACT_ID:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    k = x.shape[-1]
+    _check_args(granularity, activation)
     if triton is None or x.device.type != "cuda" or x.numel() == 0:
         return reference(x, granularity, activation)
-    x2d = x.reshape(-1, k).contiguous()
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()
     if granularity == "row":
         xq, scale = _quantize_rows(x2d, _ACT_ID[activation])
         return xq.view(x.shape), scale.view(*x.shape[:-1], 1)
-    if granularity == "tensor":
-        xq, scale = _quantize_tensor(x2d, _ACT_ID[activation])
-        return xq.view(x.shape), scale
-    raise ValueError(f"granularity must be 'tensor' or 'row', got {granularity!r}")
+    xq, scale = _quantize_tensor(x2d, _ACT_ID[activation])
+    return xq.view(x.shape), scale
 
 
 # triton_op lets Inductor trace through to the Triton kernels and schedule them itself;
