@@ -89,26 +89,46 @@ def make_inputs(model: str, scope: str, tokens: int, device="cuda"):
                 torch.tensor([500]), torch.randn(1, TEXT_TOKENS, 4096, dtype=torch.bfloat16))
 
 
-def torchao_model(net, granularity):
+def compile_net(net, backend, regional):
+    """torch.compile the whole net, or (regional) only its repeated transformer blocks
+    with diffusers' compile_repeated_blocks: one block graph, compiled once, serves all."""
+    if not regional:
+        return torch.compile(net, backend=backend or "inductor")
+    net.compile_repeated_blocks(backend=backend or "inductor", fullgraph=True)
+    return net
+
+
+def uncompiled_copy(net):
+    """A deep copy that runs eagerly: `Module.compile` leaves a compiled bound method of the
+    original module behind, which a deep copy would keep calling."""
+    net = copy.deepcopy(net)
+    for m in net.modules():
+        m._compiled_call_impl = None
+    return net
+
+
+def torchao_model(net, granularity, regional):
     from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor,
                                       quantize_)
     targets = fp8_fx.FP8Config().targets
-    net = copy.deepcopy(net)
+    net = uncompiled_copy(net)
     g = PerRow() if granularity == "row" else PerTensor()
     quantize_(net, Float8DynamicActivationFloat8WeightConfig(granularity=g),
               filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and matching_suffix(fqn, targets))
-    return torch.compile(net)
+    return compile_net(net, None, regional)
 
 
-def make_variant(name, gpu_net, cpu_net):
+def make_variant(name, gpu_net, cpu_net, regional=False):
     """(callable, backend or None).
     fp8_fx_*: the README's path: bf16 on the CPU, convert_to_fp8 on the way to the GPU.
     fp8_fx_*_gpu_load: the bf16 model already on the GPU, quantized by the backend.
-    bf16_* and *_gpu_load share one bf16 GPU model; torchao quantizes a copy of it."""
+    bf16_* and *_gpu_load share one bf16 GPU model; torchao quantizes a copy of it.
+    regional (full DiT only): every variant compiles its repeated blocks only; that compiles
+    the shared bf16 model in place, so bf16_eager and *_gpu_load are refused with it."""
     if name == "bf16_eager":
         return gpu_net(), None
     if name == "bf16_compile":
-        return torch.compile(gpu_net()), None
+        return compile_net(gpu_net(), None, regional), None
     if name.startswith("fp8_fx_"):
         granularity = name.split("_")[2]
         # *_inductor: every activation quantized by Inductor's kernels (no triton_quantize)
@@ -117,12 +137,12 @@ def make_variant(name, gpu_net, cpu_net):
         patches = {"coordinate_descent_tuning": True} if name.endswith("_tuned") else None
         backend = fp8_fx.make_fp8_backend(config, inductor_config_patches=patches)
         if name.endswith("_gpu_load"):
-            return torch.compile(gpu_net(), backend=backend), backend
+            return compile_net(gpu_net(), backend, regional), backend
         net = copy.deepcopy(cpu_net())  # the same weights as every other variant
         fp8_fx.convert_to_fp8(net, config, device="cuda")
-        return torch.compile(net, backend=backend), backend
+        return compile_net(net, backend, regional), backend
     if name.startswith("torchao_"):
-        return torchao_model(gpu_net(), name.rsplit("_", 1)[1]), None
+        return torchao_model(gpu_net(), name.rsplit("_", 1)[1], regional), None
     raise ValueError(name)
 
 
@@ -178,7 +198,7 @@ def first(out):
     return out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
 
 
-def bench(model, scope, tokens, variants, repeats, iters, log):
+def bench(model, scope, tokens, variants, repeats, iters, log, regional=False):
     torch._dynamo.reset()  # each group compiles afresh (and stays under the recompile limit)
     inputs = make_inputs(model, scope, tokens)
     kwargs = {"return_dict": False} if scope == "full" else {}
@@ -202,7 +222,7 @@ def bench(model, scope, tokens, variants, repeats, iters, log):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            fn, backend = make_variant(name, gpu_net, cpu_net)
+            fn, backend = make_variant(name, gpu_net, cpu_net, regional and scope == "full")
             load_s = time.perf_counter() - t0
             out = first(fn(*inputs, **kwargs))
             torch.cuda.synchronize()
@@ -213,6 +233,7 @@ def bench(model, scope, tokens, variants, repeats, iters, log):
             fns[name]()  # warm
             prof = kernel_profile(fns[name])
             rows[name] = dict(model=model, scope=scope, tokens=tokens, variant=name,
+                              regional=regional and scope == "full",
                               load_s=round(load_s, 2), compile_s=round(compile_s, 2), peak_gib=round(peak, 2),
                               rel_err=rel, cosine=cos,
                               nonattn_ms=round(prof["nonattn_ms"], 3), gemm_ms=round(prof["gemm_ms"], 3),
@@ -248,6 +269,8 @@ def main():
     p.add_argument("--variants", default="bf16_eager,bf16_compile,fp8_fx_tensor,fp8_fx_row,torchao_tensor,torchao_row")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--regional", action="store_true",
+                   help="scope full: compile the repeated blocks only (diffusers' compile_repeated_blocks)")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<device>.json)")
     p.add_argument("--log", default=os.environ.get("OUT", ".") + "/bench_kernels.log")
     args = p.parse_args()
@@ -255,6 +278,8 @@ def main():
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    if args.regional and any(v == "bf16_eager" or v.endswith("_gpu_load") for v in variants):
+        p.error("--regional compiles the shared bf16 model in place: drop bf16_eager and *_gpu_load")
     if not torch.cuda.is_available():
         p.error("this benchmark needs a CUDA GPU")
     device = torch.cuda.get_device_name().replace(" ", "_")
@@ -264,7 +289,8 @@ def main():
         for model in args.model.split(","):
             for scope in args.scope.split(","):
                 for tokens in map(int, args.tokens.split(",")):
-                    rows += bench(model, scope, tokens, variants, args.repeats, args.iters, log)
+                    rows += bench(model, scope, tokens, variants, args.repeats, args.iters, log,
+                                  args.regional)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                 date=datetime.date.today().isoformat(), command="python " + " ".join(os.sys.argv))
     for r in rows:
