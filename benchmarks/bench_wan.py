@@ -215,9 +215,12 @@ def bench(model, scope, tokens, variants, repeats, iters, log, regional=False):
         return shared["gpu"]
 
     rows, fns, ref = {}, {}, None
+    t_group = time.perf_counter()
     with torch.no_grad():
         if any(v.startswith(("bf16", "torchao")) or v.endswith("gpu_load") for v in variants):
             ref = first(gpu_net()(*inputs, **kwargs))  # bf16 eager: the fidelity reference
+            print(f"{model} {scope} {tokens}: bf16 model built and reference run in "
+                  f"{time.perf_counter() - t_group:.1f}s", flush=True)
         for name in variants:  # compile one by one; torchao last: it changes global config
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -243,6 +246,7 @@ def bench(model, scope, tokens, variants, repeats, iters, log, regional=False):
                 log.write(f"{ms:9.3f} ms  {k[:160]}\n")
             if backend is not None:
                 log.write(str(backend.report) + "\n")
+            log.flush()
             del out
             print(f"compiled {name}: load {load_s:.1f}s, first call {compile_s:.1f}s, peak {peak:.2f} GiB",
                   flush=True)

@@ -16,9 +16,9 @@ if [ "${RUN_TESTS:-1}" = 1 ]; then
 fi
 if [ -n "${QUANT_ARGS+set}" ]; then
   timeout "${QUANT_TIMEOUT:-200}" python3 benchmarks/bench_quantize.py $QUANT_ARGS --out "$OUT/quantize.json" 2>&1 \
-    | grep -v -i "warning" | tee "$OUT/quantize.txt"
+    | grep --line-buffered -v -i "warning" | tee "$OUT/quantize.txt"
 fi
 if [ -n "${BENCH_ARGS:-}" ]; then
   python3 benchmarks/bench_wan.py $BENCH_ARGS --out "$OUT/results.json" --log "$OUT/bench_kernels.log" 2>&1 \
-    | grep -v -i "warning\|register_constant\|Configuration class" | tee "$OUT/bench.txt"
+    | grep --line-buffered -v -i "warning\|register_constant\|Configuration class" | tee "$OUT/bench.txt"
 fi
