@@ -34,7 +34,7 @@ LATENT = {32760: (21, 60, 104), 75600: (21, 90, 160)}  # latent grids of 480p / 
 TEXT_TOKENS = 512
 VARIANTS = ("bf16_eager", "bf16_compile", "fp8_fx_tensor", "fp8_fx_row", "fp8_fx_tensor_gpu_load",
             "fp8_fx_row_gpu_load", "fp8_fx_tensor_tuned", "fp8_fx_row_tuned", "fp8_fx_tensor_inductor",
-            "fp8_fx_row_inductor", "torchao_tensor", "torchao_row")
+            "fp8_fx_row_inductor", "fp8_fx_static", "torchao_tensor", "torchao_row")
 # Library kernels only: Inductor's Triton kernels carry fused op names such as
 # `triton_poi_fused__scaled_mm_...` or `..._scaled_dot_product_cudnn_attention_...`.
 ATTENTION = re.compile(r"flash|fmha|attention|sdpa", re.I)
@@ -73,11 +73,11 @@ def build_net(model: str, scope: str, device):
         return OneBlock(dim, ffn_dim, heads).to(torch.bfloat16).eval()
 
 
-def make_inputs(model: str, scope: str, tokens: int, device="cuda"):
+def make_inputs(model: str, scope: str, tokens: int, device="cuda", seed=1):
     from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
     dim, _, heads, _ = SIZES[model]
     frames, h, w = LATENT[tokens]
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     with torch.device(device):
         if scope == "block":
             rope = WanRotaryPosEmbed(dim // heads, (1, 2, 2), 1024)
@@ -118,17 +118,25 @@ def torchao_model(net, granularity, regional):
     return compile_net(net, None, regional)
 
 
-def make_variant(name, gpu_net, cpu_net, regional=False):
+def make_variant(name, gpu_net, cpu_net, regional=False, amax=None):
     """(callable, backend or None).
     fp8_fx_*: the README's path: bf16 on the CPU, convert_to_fp8 on the way to the GPU.
     fp8_fx_*_gpu_load: the bf16 model already on the GPU, quantized by the backend.
     bf16_* and *_gpu_load share one bf16 GPU model; torchao quantizes a copy of it.
     regional (full DiT only): every variant compiles its repeated blocks only; that compiles
-    the shared bf16 model in place, so bf16_eager and *_gpu_load are refused with it."""
+    the shared bf16 model in place, so bf16_eager and *_gpu_load are refused with it.
+    fp8_fx_static: tensor-wise with static input scales from `amax` (calibrated on the bf16
+    model run eagerly on other random inputs than the timed ones)."""
     if name == "bf16_eager":
         return gpu_net(), None
     if name == "bf16_compile":
         return compile_net(gpu_net(), None, regional), None
+    if name == "fp8_fx_static":
+        net = copy.deepcopy(cpu_net())
+        fp8_fx.convert_to_fp8(net, fp8_fx.FP8Config(), device="cuda")
+        fp8_fx.set_input_scales(net, amax)
+        backend = fp8_fx.make_fp8_backend()
+        return compile_net(net, backend, regional), backend
     if name.startswith("fp8_fx_"):
         granularity = name.split("_")[2]
         # *_inductor: every activation quantized by Inductor's kernels (no triton_quantize)
@@ -214,18 +222,22 @@ def bench(model, scope, tokens, variants, repeats, iters, log, regional=False):
             shared["gpu"] = copy.deepcopy(cpu_net()).to("cuda")
         return shared["gpu"]
 
-    rows, fns, ref = {}, {}, None
+    rows, fns, ref, amax = {}, {}, None, {}
     t_group = time.perf_counter()
     with torch.no_grad():
-        if any(v.startswith(("bf16", "torchao")) or v.endswith("gpu_load") for v in variants):
+        if any(v.startswith(("bf16", "torchao")) or v.endswith(("gpu_load", "static")) for v in variants):
             ref = first(gpu_net()(*inputs, **kwargs))  # bf16 eager: the fidelity reference
             print(f"{model} {scope} {tokens}: bf16 model built and reference run in "
                   f"{time.perf_counter() - t_group:.1f}s", flush=True)
+        if "fp8_fx_static" in variants:  # eager bf16, before anything compiles, on other inputs
+            calib = make_inputs(model, scope, tokens, seed=2)
+            amax = fp8_fx.calibrate_input_amax(gpu_net(), lambda: gpu_net()(*calib, **kwargs))
+            del calib
         for name in variants:  # compile one by one; torchao last: it changes global config
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            fn, backend = make_variant(name, gpu_net, cpu_net, regional and scope == "full")
+            fn, backend = make_variant(name, gpu_net, cpu_net, regional and scope == "full", amax)
             load_s = time.perf_counter() - t0
             out = first(fn(*inputs, **kwargs))
             torch.cuda.synchronize()

@@ -4,6 +4,7 @@
 """
 from . import ops  # registers the fp8_fx torch.library ops
 from .backend import FP8Backend, fp8_backend, make_fp8_backend
+from .calibrate import calibrate_input_amax, set_input_scales
 from .config import (DIFFUSERS_WAN_TARGETS, FASTVIDEO_WAN_TARGETS, ORIGINAL_WAN_TARGETS,
                      WAN_I2V_IMAGE_KV_TARGETS, WAN_TARGETS, FP8Config)
 from .fp8_weights import (FP8CheckpointError, FP8Linear, convert_to_fp8, fp8_weight_bytes,
@@ -16,5 +17,6 @@ __all__ = [
     "normalize_qualname", "ops", "WAN_TARGETS", "DIFFUSERS_WAN_TARGETS", "FASTVIDEO_WAN_TARGETS",
     "ORIGINAL_WAN_TARGETS", "WAN_I2V_IMAGE_KV_TARGETS", "FP8Linear", "FP8CheckpointError",
     "convert_to_fp8", "fp8_weight_bytes", "save_fp8_checkpoint", "load_fp8_checkpoint",
+    "calibrate_input_amax", "set_input_scales",
 ]
 __version__ = "0.1.0"

@@ -5,7 +5,8 @@ the GPU, and save / load FP8 safetensors checkpoints.
     fp8_fx.convert_to_fp8(model, device="cuda")   # one bf16 layer on the GPU at a time
     compiled = torch.compile(model, backend=fp8_fx.fp8_backend)
 
-A converted layer is an `FP8Linear`: FP8 `weight`, fp32 `weight_scale`, bias as it was.
+A converted layer is an `FP8Linear`: FP8 `weight`, fp32 `weight_scale`, bias as it was,
+and optionally a calibrated static `input_scale` (calibrate.py).
 Eagerly it runs the weight-only op, so the module still works without compiling; the
 backend's pass turns it into an FP8 GEMM (or keeps it weight-only) with no bf16 copy.
 """
@@ -39,6 +40,8 @@ class FP8Linear(nn.Module):
         self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device), requires_grad=False)
                      if bias else None)
+        # A calibrated fp32 scale for the input (fp8_fx.set_input_scales); None: dynamic.
+        self.register_buffer("input_scale", None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, granularity: str, device=None) -> "FP8Linear":
@@ -53,11 +56,14 @@ class FP8Linear(nn.Module):
         return fp8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.weight_only_linear(x, self.weight, self.weight_scale, self.bias)
+        if self.input_scale is None:
+            return ops.weight_only_linear(x, self.weight, self.weight_scale, self.bias)
+        return ops.weight_only_linear(x, self.weight, self.weight_scale, self.bias, self.input_scale)
 
     def extra_repr(self) -> str:
+        static = ", static input scale" if self.input_scale is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, granularity={self.granularity!r}")
+                f"bias={self.bias is not None}, granularity={self.granularity!r}{static}")
 
 
 def _convertible(name: str, module: nn.Module, config: FP8Config) -> Optional[str]:
@@ -223,9 +229,11 @@ def load_fp8_checkpoint_state(state: dict, metadata: dict, model: Optional[nn.Mo
         if not isinstance(old, FP8Linear):
             w = state[f"{name}.weight"]
             bias = state.get(f"{name}.bias")
-            _set_submodule(model, name, FP8Linear(w.shape[1], w.shape[0], bias is not None, fp8_modules[name],
-                                                  device="meta",
-                                                  bias_dtype=bias.dtype if bias is not None else torch.bfloat16))
+            old = FP8Linear(w.shape[1], w.shape[0], bias is not None, fp8_modules[name], device="meta",
+                            bias_dtype=bias.dtype if bias is not None else torch.bfloat16)
+            _set_submodule(model, name, old)
+        if f"{name}.input_scale" in state and old.input_scale is None:  # saved after calibration
+            old.input_scale = torch.empty((), dtype=torch.float32, device="meta")
     _check(state, fp8_modules, path)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not _is_nonpersistent(model, k)]

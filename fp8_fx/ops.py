@@ -69,6 +69,16 @@ def quantize(x: torch.Tensor, granularity: str) -> Tuple[torch.Tensor, torch.Ten
     return torch.ops.fp8_fx.quantize(x, granularity)
 
 
+def _quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x -> fp8 with a given (calibrated) per-tensor scale: no amax pass, so Inductor can
+    fuse the cast into the producer's kernel even where that kernel is a row reduction.
+    Values beyond 448 * scale saturate to +-448 (NaN stays NaN)."""
+    return cast_to_fp8(x, scale)
+
+
+_define("quantize_static(Tensor x, Tensor scale) -> Tensor", _quantize_static, "CompositeImplicitAutograd")
+
+
 def _as_2d(xq: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor):
     """Shapes torch._scaled_mm takes: (M, K), scale_a () or (M, 1), scale_b () or (1, N)."""
     xq2d = xq.reshape(-1, xq.shape[-1])
@@ -148,13 +158,16 @@ def dequantize_weight(wq: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtyp
 
 @torch.library.custom_op("fp8_fx::weight_only_linear", mutates_args=())
 def weight_only_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
-                       bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """FP8 weights at rest, upcast per call, matmul in the activation dtype."""
+                       bias: Optional[torch.Tensor], input_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """FP8 weights at rest, upcast per call, matmul in the activation dtype.
+    input_scale: a calibrated static scale for x (FP8Linear.input_scale). The weight-only
+    product does not quantize x, so it is unused here; it is in the signature so that the
+    backend's pass sees it in the graph and quantizes x with it on FP8 tensor cores."""
     return F.linear(x, dequantize_weight(wq, w_scale, x.dtype), bias)
 
 
 @weight_only_linear.register_fake
-def _(x, wq, w_scale, bias):
+def _(x, wq, w_scale, bias, input_scale=None):
     return x.new_empty((*x.shape[:-1], wq.shape[0]))
 
 

@@ -18,7 +18,10 @@ kernels (triton_quantize.py), with the GELU folded in.
 
 Layers converted before compiling (FP8Linear, see fp8_weights.py) arrive as
 `fp8_fx.weight_only_linear(x, weight_fp8, scale, bias)` with FP8 weights already in the
-graph: they get the same rewrite, without new inputs.
+graph: they get the same rewrite, without new inputs. With a calibrated static input
+scale (calibrate.py) the call carries it, and x is cast with it by
+`fp8_fx.quantize_static`, which Inductor fuses into the producer of x; layers sharing x
+(q, k, v) share one cast, with the largest of their scales.
 """
 from __future__ import annotations
 
@@ -81,6 +84,13 @@ class _Linear:
     weight: torch.fx.Node
     bias: Optional[torch.fx.Node]
     scale: Optional[torch.fx.Node] = None  # set when the weight is already FP8 (FP8Linear)
+    input_scale: Optional[torch.fx.Node] = None  # a calibrated static scale for x (FP8Linear)
+
+    @property
+    def static(self) -> bool:
+        """A calibrated input scale that applies: one scale for x needs a per-tensor weight
+        scale (cuBLAS pairs tensor with tensor, row with row)."""
+        return self.input_scale is not None and self.at_rest_granularity == "tensor"
 
     @property
     def at_rest_granularity(self) -> Optional[str]:
@@ -99,8 +109,8 @@ def _as_linear(node: torch.fx.Node) -> Optional[_Linear]:
     if node.op != "call_function":
         return None
     if node.target is torch.ops.fp8_fx.weight_only_linear.default:  # an FP8Linear module
-        x, weight, scale, bias = node.args
-        return _Linear(node, x, weight, bias, scale)
+        x, weight, scale, bias, input_scale = (*node.args, None)[:5]
+        return _Linear(node, x, weight, bias, scale, node.kwargs.get("input_scale", input_scale))
     if node.target not in _LINEAR_TARGETS:
         return None
     args = list(node.args) + [None] * (3 - len(node.args))
@@ -124,8 +134,9 @@ def decide(linear: _Linear, qualname: Optional[str], config: FP8Config,
     fp8_tensor_cores: None asks the weight's device; True/False decides as if on one
     (`python -m fp8_fx inspect` shows a GPU's decisions on a CPU)."""
     if linear.scale is not None:  # converted before compiling: no targeting decision left
+        static = "static input scale; " if linear.static else ""
         return _device_action(linear.weight, config, fp8_tensor_cores,
-                              f"FP8 weights at rest ({linear.at_rest_granularity}); ")
+                              f"FP8 weights at rest ({linear.at_rest_granularity}); {static}")
     if qualname is None:
         return "skipped", "no module path (F.linear called outside any module)"
     excluded = matching_suffix(qualname, config.exclude)
@@ -243,6 +254,27 @@ def _copy_dynamo_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return new_gm
 
 
+def _static_scales_by_input(graph: torch.fx.Graph) -> Dict[torch.fx.Node, List[torch.fx.Node]]:
+    """For each input x, the static scale nodes of the FP8Linear calls reading it."""
+    scales: Dict[torch.fx.Node, List[torch.fx.Node]] = {}
+    for node in graph.nodes:
+        linear = _as_linear(node)
+        if linear is not None and linear.static:
+            scales.setdefault(linear.x, [])
+            if linear.input_scale not in scales[linear.x]:
+                scales[linear.x].append(linear.input_scale)
+    return scales
+
+
+def _largest(graph: torch.fx.Graph, scales: List[torch.fx.Node], name: str) -> torch.fx.Node:
+    """One scale for an input shared by layers calibrated apart: the largest saturates
+    none of them (calibration gives layers that share an input the same scale)."""
+    largest = scales[0]
+    for other in scales[1:]:
+        largest = _call(graph, torch.maximum, (largest, other), name)
+    return largest
+
+
 def rewrite_linears(gm: torch.fx.GraphModule, config: FP8Config,
                     fp8_tensor_cores: Optional[bool] = None) -> RewriteResult:
     """Return a rewritten copy of `gm` and one decision per linear op, in graph order."""
@@ -258,6 +290,7 @@ def rewrite_linears(gm: torch.fx.GraphModule, config: FP8Config,
     slots: List[WeightSlot] = []
     fp8_weights: Dict[torch.fx.Node, Tuple[torch.fx.Node, torch.fx.Node]] = {}
     fp8_inputs: Dict[Tuple[torch.fx.Node, str], Tuple[torch.fx.Node, torch.fx.Node]] = {}
+    static_scales = _static_scales_by_input(graph)
 
     for node in list(graph.nodes):
         linear = _as_linear(node)
@@ -293,19 +326,27 @@ def rewrite_linears(gm: torch.fx.GraphModule, config: FP8Config,
                 new = _call(graph, torch.ops.fp8_fx.weight_only_linear.default,
                             (linear.x, wq, ws, linear.bias), stem)
             else:
-                key = (linear.x, granularity)
+                static = linear.static
+                key = (linear.x, "static" if static else granularity)
                 if key not in fp8_inputs:  # q, k and v share one quantization
                     x_name = linear.x.name
-                    source = triton_quantize_input(linear.x) if action == "scaled_mm" and use_triton else None
-                    if source is not None:
+                    source = (triton_quantize_input(linear.x)
+                              if action == "scaled_mm" and use_triton and not static else None)
+                    if static:
+                        xs = _largest(graph, static_scales[linear.x], f"{x_name}_static_scale")
+                        quant = _call(graph, torch.ops.fp8_fx.quantize_static.default, (linear.x, xs),
+                                      f"{x_name}_fp8")
+                        fp8_inputs[key] = (quant, xs)
+                    elif source is not None:
                         quant = _call(graph, torch.ops.fp8_fx.triton_quantize.default,
                                       (source[0], granularity, source[1]), f"{x_name}_quantized")
                     else:
                         quant = _call(graph, torch.ops.fp8_fx.quantize.default,
                                       (linear.x, granularity), f"{x_name}_quantized")
-                    fp8_inputs[key] = (_call(graph, operator.getitem, (quant, 0), f"{x_name}_fp8"),
-                                       _call(graph, operator.getitem, (quant, 1), f"{x_name}_scale"))
-                    for n in (quant, *fp8_inputs[key]):  # where it was inserted, for readers
+                    if not static:
+                        fp8_inputs[key] = (_call(graph, operator.getitem, (quant, 0), f"{x_name}_fp8"),
+                                           _call(graph, operator.getitem, (quant, 1), f"{x_name}_scale"))
+                    for n in {quant, *fp8_inputs[key]} - set(placeholders):  # where it was inserted
                         n.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
                 xq, xs = fp8_inputs[key]
                 args = (xq, xs, wq, ws, linear.bias, _example(node).dtype)

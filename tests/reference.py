@@ -58,3 +58,13 @@ def output_tolerance(dtype: torch.dtype, granularity: str) -> float:
     output dtype (row-wise scaled GEMMs write bf16 whatever the activation dtype)."""
     gemm_dtype = torch.bfloat16 if granularity == "row" else dtype
     return {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 4e-3}[gemm_dtype]
+
+
+def reference_static_fp8_linear(x, weight, bias, amax: float) -> torch.Tensor:
+    """float64 y with x cast at the calibrated scale amax / 448 (values beyond amax
+    saturate at +-448) and the weight quantized per tensor."""
+    scale = torch.clamp((torch.tensor(amax, dtype=torch.float64) / E4M3_MAX).float(), min=MIN_SCALE)
+    xq = round_to_e4m3(torch.clamp(x.float() / scale, -E4M3_MAX, E4M3_MAX))
+    wq, ws = reference_quantize(weight, "tensor")
+    y = (xq * scale.double()) @ (wq * ws.double()).T
+    return y + bias.double() if bias is not None else y

@@ -270,3 +270,31 @@ def test_triton_quantize_under_dynamic_sequence_length(granularity):
             x = torch.randn(2, tokens, 64, device=CUDA, dtype=torch.bfloat16)
             assert rel_err(compiled(x, ctx), model(x, ctx)) < 5e-2
     assert any(n.target is torch.ops.fp8_fx.triton_quantize.default for g in backend.graphs for n in g.graph.nodes)
+
+
+# ---- static (calibrated) input scales on FP8 tensor cores ----
+
+def test_static_input_scales_on_tensor_cores_match_the_float64_recipe():
+    from fp8_fx import FP8Linear, calibrate_input_amax, convert_to_fp8, set_input_scales
+    from test_static_scales import static_reference_hooks
+    torch.manual_seed(0)
+    model = WanLikeModel("diffusers", dim=256, ffn_dim=512, heads=4, in_dim=64).to(CUDA, torch.bfloat16).eval()
+    x = torch.randn(2, 128, 64, device=CUDA, dtype=torch.bfloat16)
+    ctx = torch.randn(2, 32, 256, device=CUDA, dtype=torch.bfloat16)
+    amax = calibrate_input_amax(model, lambda: model(x, ctx))
+    assert sorted(amax) == sorted(targeted_qualnames("diffusers"))
+    convert_to_fp8(model)
+    set_input_scales(model, {n: v / 2 for n, v in amax.items()})  # saturating: the scale shows
+    backend = make_fp8_backend()
+    with torch.no_grad():
+        y = torch.compile(model, backend=backend, fullgraph=True)(x, ctx)
+        hooks = static_reference_hooks(model)
+        ref = model(x, ctx)
+        for h in hooks:
+            h.remove()
+    assert [d.qualname for d in backend.report if d.action == "scaled_mm" and "static" in d.reason] == \
+        targeted_qualnames("diffusers")
+    assert all(isinstance(model.get_submodule(n), FP8Linear) for n in targeted_qualnames("diffusers"))
+    code = "\n".join(str(g.code) for g in backend.graphs)
+    assert "quantize_static" in code and "triton_quantize" not in code
+    assert rel_err(y, ref) < 3e-2  # as test_backend_on_wan_like_model: bf16 rounding between layers
