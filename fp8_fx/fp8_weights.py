@@ -159,6 +159,23 @@ def _read(path: Union[str, Path]):
         raise FP8CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
 
 
+CPU_ALIGNMENT = 64  # bytes: what torch's CPU allocator gives every tensor
+
+
+def own_aligned_cpu_memory(model: nn.Module) -> nn.Module:
+    """Give each CPU parameter and buffer that points into a safetensors file's buffer
+    (at an offset only 8-byte aligned) memory of its own. Inductor compiles CPU kernels
+    for aligned inputs and treats misaligned ones differently (other kernels, other
+    rounding), so a model loaded from a file would compile unlike the same weights built
+    in memory. GPU tensors were copied on the way there and are left alone."""
+    for module in model.modules():
+        for tensors in (module._parameters, module._buffers):
+            for name, t in tensors.items():
+                if t is not None and t.device.type == "cpu" and t.data_ptr() % CPU_ALIGNMENT:
+                    t.data = t.data.clone()
+    return model
+
+
 def _ecosystem_to_ours(state: dict) -> Dict[str, str]:
     """Pre-quantized Wan files from other tools (ComfyUI-style): e4m3fn `X.weight` with a
     per-tensor fp32 `X.scale_weight`. Renames in place; returns {module: granularity}."""
@@ -240,7 +257,7 @@ def load_fp8_checkpoint_state(state: dict, metadata: dict, model: Optional[nn.Mo
     if missing or unexpected:
         raise FP8CheckpointError(f"{path} does not match the model: missing {missing[:5]}, "
                                  f"unexpected {unexpected[:5]}")
-    return model.to(device).eval()
+    return own_aligned_cpu_memory(model.to(device).eval())
 
 
 def _is_nonpersistent(model: nn.Module, key: str) -> bool:

@@ -102,14 +102,15 @@ def load_wan(path, dtype: torch.dtype = torch.bfloat16, device="cpu", fp8=None) 
     with `transformer/`) or one `.safetensors` file in diffusers or original Wan2.1 names.
 
     fp8: True or an FP8Config to load to the CPU and convert the targeted weights to FP8 on
-    the way to `device`, one layer at a time (the full bf16 model never sits on `device`)."""
+    the way to `device`, one layer at a time (the full bf16 model never sits on `device`).
+    Tensors left on the CPU get memory of their own (see own_aligned_cpu_memory)."""
+    from .fp8_weights import convert_to_fp8, own_aligned_cpu_memory
     if fp8:
         from .config import FP8Config
-        from .fp8_weights import convert_to_fp8
         model = _load_wan(Path(path), dtype, "cpu")
         convert_to_fp8(model, fp8 if isinstance(fp8, FP8Config) else None, device=device)
-        return model
-    return _load_wan(Path(path), dtype, device)
+        return own_aligned_cpu_memory(model)
+    return own_aligned_cpu_memory(_load_wan(Path(path), dtype, device))
 
 
 def _load_wan(path: Path, dtype: torch.dtype, device) -> torch.nn.Module:
