@@ -2,7 +2,7 @@
 fp8_fx.triton_quantize (default launch config, and a sweep of others) against Inductor
 compiling the same recipe (`quantize(gelu(x))`), at Wan 480p shapes (32,760 tokens).
 
-    python benchmarks/bench_quantize.py [--sweep] [--out results.json]
+    python benchmarks/bench_quantize.py [--sweep] [--skip-inductor] [--out results.json]
 
 Reports CUDA kernel ms per call (torch.profiler) and the effective bandwidth of the ideal traffic
 (row: read x once, write fp8; tensor: read x twice, write fp8).
@@ -78,6 +78,8 @@ def sweep(x2d, act, granularity):
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--sweep", action="store_true", help="also time other launch configs")
+    p.add_argument("--skip-inductor", action="store_true",
+                   help="time fp8_fx's kernels only (for A/B runs of two kernel versions)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     rows = []
@@ -86,12 +88,13 @@ def main():
         for granularity in ("tensor", "row"):
             traffic = x.numel() * (2 * (2 if granularity == "tensor" else 1) + 1)
             ours = total_ms(lambda: tq.triton_quantize(x, granularity, act))
-            inductor = total_ms(lambda f=inductor_recipe(act, granularity): f(x))
+            inductor = None if args.skip_inductor else total_ms(lambda f=inductor_recipe(act, granularity): f(x))
             (xq, xs), (rq, rs) = tq.triton_quantize(x, granularity, act), tq.reference(x, granularity, act)
             differ = (xq.view(torch.uint8) != rq.view(torch.uint8)).double().mean().item()
             row = dict(case=label, tokens=TOKENS, k=k, activation=act, granularity=granularity,
-                       triton_ms=round(ours, 4), inductor_ms=round(inductor, 4),
-                       triton_gbps=round(traffic / ours / 1e6), inductor_gbps=round(traffic / inductor / 1e6),
+                       triton_ms=round(ours, 4), inductor_ms=round(inductor, 4) if inductor else None,
+                       triton_gbps=round(traffic / ours / 1e6),
+                       inductor_gbps=round(traffic / inductor / 1e6) if inductor else None,
                        scales_equal_to_eager=torch.equal(xs, rs), fp8_codes_differing=differ)
             if args.sweep:
                 row["sweep"] = sweep(x.reshape(-1, k), tq._ACT_ID[act], granularity)

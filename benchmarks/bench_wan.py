@@ -6,7 +6,8 @@ One process, one GPU. Variants are compiled first, then timed interleaved
 (A B C A B C ...) because the attention kernel alone drifts ~6% between runs; each
 row reports the median and spread, non-attention and GEMM kernel time from one
 profiled forward (median of 5), kernel launches, compile time, peak memory and fidelity against
-bf16 eager. Rows are appended to benchmarks/results/<device>.json.
+bf16 eager (mean over --fidelity-inputs input draws). Rows are appended to
+benchmarks/results/<device>.json.
 """
 from __future__ import annotations
 
@@ -206,9 +207,11 @@ def first(out):
     return out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
 
 
-def bench(model, scope, tokens, variants, repeats, iters, log, regional=False):
+def bench(model, scope, tokens, variants, repeats, iters, log, regional=False, fidelity_inputs=1):
     torch._dynamo.reset()  # each group compiles afresh (and stays under the recompile limit)
     inputs = make_inputs(model, scope, tokens)
+    # Fidelity draws: the timed inputs, then seeds 3, 4, ... (seed 2 is the calibration's).
+    draws = [inputs] + [make_inputs(model, scope, tokens, seed=s) for s in range(3, 2 + fidelity_inputs)]
     kwargs = {"return_dict": False} if scope == "full" else {}
     shared = {}
 
@@ -222,11 +225,11 @@ def bench(model, scope, tokens, variants, repeats, iters, log, regional=False):
             shared["gpu"] = copy.deepcopy(cpu_net()).to("cuda")
         return shared["gpu"]
 
-    rows, fns, ref, amax = {}, {}, None, {}
+    rows, fns, refs, amax = {}, {}, None, {}
     t_group = time.perf_counter()
     with torch.no_grad():
         if any(v.startswith(("bf16", "torchao")) or v.endswith(("gpu_load", "static")) for v in variants):
-            ref = first(gpu_net()(*inputs, **kwargs))  # bf16 eager: the fidelity reference
+            refs = [first(gpu_net()(*d, **kwargs)) for d in draws]  # bf16 eager: the fidelity reference
             print(f"{model} {scope} {tokens}: bf16 model built and reference run in "
                   f"{time.perf_counter() - t_group:.1f}s", flush=True)
         if "fp8_fx_static" in variants:  # eager bf16, before anything compiles, on other inputs
@@ -243,14 +246,19 @@ def bench(model, scope, tokens, variants, repeats, iters, log, regional=False):
             torch.cuda.synchronize()
             compile_s = time.perf_counter() - t0 - load_s
             peak = torch.cuda.max_memory_allocated() / 2**30
-            rel, cos = fidelity(out, ref) if ref is not None else (None, None)
+            if refs is not None:  # one draw: this output; more: each draw, then the mean
+                fid = [fidelity(out, refs[0])] + [fidelity(first(fn(*d, **kwargs)), r)
+                                                   for d, r in zip(draws[1:], refs[1:])]
+                rel, cos = (statistics.mean(v) for v in zip(*fid))
+            else:
+                fid, rel, cos = [], None, None
             fns[name] = lambda fn=fn: fn(*inputs, **kwargs)
             fns[name]()  # warm
             prof = kernel_profile(fns[name])
             rows[name] = dict(model=model, scope=scope, tokens=tokens, variant=name,
                               regional=regional and scope == "full",
                               load_s=round(load_s, 2), compile_s=round(compile_s, 2), peak_gib=round(peak, 2),
-                              rel_err=rel, cosine=cos,
+                              rel_err=rel, cosine=cos, rel_errs=[f[0] for f in fid],
                               nonattn_ms=round(prof["nonattn_ms"], 3), gemm_ms=round(prof["gemm_ms"], 3),
                               attn_ms=round(prof["attn_ms"], 3), launches=prof["launches"])
             log.write(f"\n## {model} {scope} {tokens} {name}: top kernels\n")
@@ -285,6 +293,8 @@ def main():
     p.add_argument("--variants", default="bf16_eager,bf16_compile,fp8_fx_tensor,fp8_fx_row,torchao_tensor,torchao_row")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--fidelity-inputs", type=int, default=1,
+                   help="rel_err / cosine: the mean over this many input draws (the first is the timed one)")
     p.add_argument("--regional", action="store_true",
                    help="scope full: compile the repeated blocks only (diffusers' compile_repeated_blocks)")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<device>.json)")
@@ -296,6 +306,8 @@ def main():
         p.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
     if args.regional and any(v == "bf16_eager" or v.endswith("_gpu_load") for v in variants):
         p.error("--regional compiles the shared bf16 model in place: drop bf16_eager and *_gpu_load")
+    if args.fidelity_inputs < 1:
+        p.error("--fidelity-inputs must be at least 1")
     if not torch.cuda.is_available():
         p.error("this benchmark needs a CUDA GPU")
     device = torch.cuda.get_device_name().replace(" ", "_")
@@ -306,7 +318,7 @@ def main():
             for scope in args.scope.split(","):
                 for tokens in map(int, args.tokens.split(",")):
                     rows += bench(model, scope, tokens, variants, args.repeats, args.iters, log,
-                                  args.regional)
+                                  args.regional, args.fidelity_inputs)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                 date=datetime.date.today().isoformat(), command="python " + " ".join(os.sys.argv))
     for r in rows:
