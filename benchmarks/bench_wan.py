@@ -35,7 +35,18 @@ LATENT = {32760: (21, 60, 104), 75600: (21, 90, 160)}  # latent grids of 480p / 
 TEXT_TOKENS = 512
 VARIANTS = ("bf16_eager", "bf16_compile", "fp8_fx_tensor", "fp8_fx_row", "fp8_fx_tensor_gpu_load",
             "fp8_fx_row_gpu_load", "fp8_fx_tensor_tuned", "fp8_fx_row_tuned", "fp8_fx_tensor_inductor",
-            "fp8_fx_row_inductor", "fp8_fx_static", "torchao_tensor", "torchao_row")
+            "fp8_fx_row_inductor", "fp8_fx_tensor_recompute", "fp8_fx_row_recompute", "fp8_fx_static",
+            "torchao_tensor", "torchao_row")
+# Inductor options for fp8_fx variants by name suffix, passed to that backend's graphs only.
+INDUCTOR_PATCHES = {
+    # coordinate-descent tuning of every Triton kernel (slow compiles)
+    "_tuned": {"coordinate_descent_tuning": True},
+    # inline pointwise nodes with many reads into each consumer instead of writing them
+    # out: the LayerNorm + modulation output, read by the amax and then by the cast, is
+    # recomputed from the norm's input in both kernels, not written in bf16 (seen in
+    # Inductor's CPU code for a Wan block; the default threshold is 4 reads)
+    "_recompute": {"realize_reads_threshold": 100},
+}
 # Library kernels only: Inductor's Triton kernels carry fused op names such as
 # `triton_poi_fused__scaled_mm_...` or `..._scaled_dot_product_cudnn_attention_...`.
 ATTENTION = re.compile(r"flash|fmha|attention|sdpa", re.I)
@@ -142,8 +153,7 @@ def make_variant(name, gpu_net, cpu_net, regional=False, amax=None):
         granularity = name.split("_")[2]
         # *_inductor: every activation quantized by Inductor's kernels (no triton_quantize)
         config = fp8_fx.FP8Config(granularity=granularity, triton_quantize=not name.endswith("_inductor"))
-        # *_tuned: Inductor's coordinate-descent tuning, for this backend's graphs only
-        patches = {"coordinate_descent_tuning": True} if name.endswith("_tuned") else None
+        patches = next((p for suffix, p in INDUCTOR_PATCHES.items() if name.endswith(suffix)), None)
         backend = fp8_fx.make_fp8_backend(config, inductor_config_patches=patches)
         if name.endswith("_gpu_load"):
             return compile_net(gpu_net(), backend, regional), backend
