@@ -163,14 +163,14 @@ CPU_ALIGNMENT = 64  # bytes: what torch's CPU allocator gives every tensor
 
 
 def own_aligned_cpu_memory(model: nn.Module) -> nn.Module:
-    """Give each CPU parameter and buffer that points into a safetensors file's buffer
-    (at an offset only 8-byte aligned) memory of its own. Inductor compiles CPU kernels
-    for aligned inputs and treats misaligned ones differently (other kernels, other
-    rounding), so a model loaded from a file would compile unlike the same weights built
-    in memory. GPU tensors were copied on the way there and are left alone."""
+    """Give each CPU parameter and buffer that is a view into a safetensors file's buffer
+    (at whatever offset the file put it) memory of its own. Inductor compiles CPU kernels
+    for aligned inputs and treats misaligned ones differently (seen: other numerics), so
+    a model loaded from a file would compile unlike the same weights built in memory.
+    GPU tensors were copied on the way there and are left alone."""
     for module in model.modules():
         for tensors in (module._parameters, module._buffers):
-            for name, t in tensors.items():
+            for t in tensors.values():
                 if t is not None and t.device.type == "cpu" and t.data_ptr() % CPU_ALIGNMENT:
                     t.data = t.data.clone()
     return model
