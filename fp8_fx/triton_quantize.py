@@ -26,6 +26,9 @@ GELU kernels ALU-bound). That changes an fp8 code only where x / scale sits on a
 rounding tie between two fp8 values, to the tie's other neighbour (equally close to the
 exact quotient): with bf16 data, ratios of bf16 values land on ties for up to ~0.5% of
 values (H100, measured); block-level error is unchanged (benchmarks/README.md).
+EXACT_QUOTIENT = True adds one fma correction step that makes every quotient IEEE's, so
+the codes are bit-exact with `ops.quantize`, ties included (see `_cast`); it is off until
+timed on a GPU.
 Launch configs come from an H100 sweep (benchmarks/bench_quantize.py --sweep).
 On other devices (and without Triton) the op runs the reference: `ops.quantize`.
 """
@@ -106,11 +109,21 @@ if triton is not None:
         scale = tl.maximum(scale, MIN_SCALE, propagate_nan=tl.PropagateNan.ALL)
         return scale, libdevice.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
 
+    FLT_MAX = tl.constexpr(3.4028234663852886e38)
+
     @triton.jit
-    def _cast(v, inv_scale, FP8_MAX: tl.constexpr):
+    def _cast(v, scale, inv_scale, FP8_MAX: tl.constexpr, EXACT: tl.constexpr):
         """clamp(v * (1 / scale), -448, 448) -> e4m3 (round to nearest even), NaN kept.
-        A multiply, not an IEEE division per value (see the module docstring)."""
+        A multiply, not an IEEE division per value (see the module docstring).
+        EXACT: the quotient v / scale correctly rounded, still without a division: with
+        r = RN(1/s) and q = RN(v r), the remainder v - q s is exact in one fma and
+        RN(q + rem r) = RN(v / s) (Markstein's theorem, the last step of IA-64 division).
+        A non-finite remainder (v or s not finite, v / s overflowing) keeps q, which is
+        then already IEEE's quotient (inf, NaN, or 0 for v / inf)."""
         q = v * tl.broadcast_to(inv_scale, v.shape)
+        if EXACT:
+            rem = tl.fma(-q, tl.broadcast_to(scale, v.shape), v)
+            q = tl.where(tl.abs(rem) <= FLT_MAX, tl.fma(rem, tl.broadcast_to(inv_scale, v.shape), q), q)
         q = tl.minimum(tl.maximum(q, -FP8_MAX, propagate_nan=tl.PropagateNan.ALL), FP8_MAX,
                        propagate_nan=tl.PropagateNan.ALL)
         return q.to(tl.float8e4nv)
@@ -140,7 +153,8 @@ if triton is not None:
 
     @triton.jit
     def _rowwise_kernel(x_ptr, q_ptr, scale_ptr, M, K, ACT: tl.constexpr, ROWS: tl.constexpr,
-                        BLOCK_K: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+                        BLOCK_K: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+                        EXACT: tl.constexpr):
         """Rows in BLOCK_K chunks: an amax loop, then a cast loop whose reads of the rows
         just read come from L2, so DRAM sees one read. With an activation, the amax loop
         only tracks max(x) and min(x) (see GELU_NEGATIVE_BOUND); rows where that cannot
@@ -170,7 +184,7 @@ if triton is not None:
             mask = row_mask & (cols[None, :] < K)
             offsets = row_offsets + cols[None, :]
             v = _load_activated(x_ptr, offsets, mask, ACT, "evict_first")
-            tl.store(q_ptr + offsets, _cast(v, inv_scale, FP8_MAX), mask=mask)
+            tl.store(q_ptr + offsets, _cast(v, scale, inv_scale, FP8_MAX, EXACT), mask=mask)
         tl.store(scale_ptr + rows[:, None], scale, mask=row_mask)
 
     @triton.jit
@@ -210,14 +224,15 @@ if triton is not None:
 
     @triton.jit
     def _cast_kernel(x_ptr, q_ptr, amax_bits_ptr, scale_ptr, N, ACT: tl.constexpr,
-                     BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+                     BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+                     EXACT: tl.constexpr):
         pid = tl.program_id(0)
         one = tl.arange(0, 1)
         scale, inv_scale = _scale(tl.load(amax_bits_ptr + one).to(tl.float32, bitcast=True), FP8_MAX, MIN_SCALE)
         offsets = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < N
         v = _load_activated(x_ptr, offsets, mask, ACT, "evict_first")
-        tl.store(q_ptr + offsets, _cast(v, inv_scale, FP8_MAX), mask=mask)
+        tl.store(q_ptr + offsets, _cast(v, scale, inv_scale, FP8_MAX, EXACT), mask=mask)
         tl.store(scale_ptr + one, scale, mask=(one == 0) & (pid == 0))
 
 
@@ -257,8 +272,15 @@ def row_config(k: int) -> RowConfig:
 TENSOR_CONFIG = TensorConfig(amax_block=4096, amax_warps=16, programs_per_sm=8,
                              cast_block=4096, cast_warps=4)
 
+# True: bit-exact quotients (the fma step in _cast). It compiles for sm_90
+# (benchmarks/kernel_resources.py, Triton 3.9) and equals IEEE division in Triton's
+# interpreter, but is not yet timed on a GPU (the tensor-wise cast kernel's registers go
+# from 32 to 48): turn it on once bench_quantize.py shows no slowdown.
+EXACT_QUOTIENT = False
 
-def _quantize_rows(x2d: torch.Tensor, act: int, config: Optional[RowConfig] = None):
+
+def _quantize_rows(x2d: torch.Tensor, act: int, config: Optional[RowConfig] = None,
+                   exact: Optional[bool] = None):
     from torch.library import wrap_triton
     m, k = x2d.shape
     c = config or row_config(k)
@@ -266,11 +288,12 @@ def _quantize_rows(x2d: torch.Tensor, act: int, config: Optional[RowConfig] = No
     scale = torch.empty((m, 1), dtype=torch.float32, device=x2d.device)
     wrap_triton(_rowwise_kernel)[(triton.cdiv(m, c.rows),)](
         x2d, xq, scale, m, k, ACT=act, ROWS=c.rows, BLOCK_K=c.block_k,
-        FP8_MAX=ops.FP8_MAX, MIN_SCALE=ops.MIN_SCALE, num_warps=c.num_warps)
+        FP8_MAX=ops.FP8_MAX, MIN_SCALE=ops.MIN_SCALE, EXACT=_exact(exact), num_warps=c.num_warps)
     return xq, scale
 
 
-def _quantize_tensor(x2d: torch.Tensor, act: int, config: TensorConfig = TENSOR_CONFIG):
+def _quantize_tensor(x2d: torch.Tensor, act: int, config: TensorConfig = TENSOR_CONFIG,
+                     exact: Optional[bool] = None):
     from torch.library import wrap_triton
     n, c = x2d.numel(), config
     xq = torch.empty(x2d.shape, dtype=ops.FP8_DTYPE, device=x2d.device)
@@ -281,8 +304,12 @@ def _quantize_tensor(x2d: torch.Tensor, act: int, config: TensorConfig = TENSOR_
                                            num_warps=c.amax_warps)
     wrap_triton(_cast_kernel)[(triton.cdiv(n, c.cast_block),)](
         x2d, xq, amax_bits, scale, n, ACT=act, BLOCK=c.cast_block,
-        FP8_MAX=ops.FP8_MAX, MIN_SCALE=ops.MIN_SCALE, num_warps=c.cast_warps)
+        FP8_MAX=ops.FP8_MAX, MIN_SCALE=ops.MIN_SCALE, EXACT=_exact(exact), num_warps=c.cast_warps)
     return xq, scale
+
+
+def _exact(exact: Optional[bool]) -> bool:
+    return EXACT_QUOTIENT if exact is None else exact
 
 
 def _triton_quantize(x: torch.Tensor, granularity: str, activation: str) -> Tuple[torch.Tensor, torch.Tensor]:
