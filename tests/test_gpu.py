@@ -144,8 +144,8 @@ def _check_against_reference(x, granularity, activation, exact=False):
     # The kernels multiply by 1/scale where the recipe divides: a code may differ only
     # where act / scale sits on an fp8 rounding tie (common with bf16 data: up to ~0.5%),
     # and is then the tie's other neighbour, as close to the exact quotient.
-    exact = act.double() / xs.double()
-    at_tie = (exact - (xq + ref_q) / 2).abs() <= exact.abs() * 2 ** -20
+    quotient = act.double() / xs.double()
+    at_tie = (quotient - (xq + ref_q) / 2).abs() <= quotient.abs() * 2 ** -20
     unexplained = (xq != ref_q) & ~at_tie
     if activation == "none":
         assert torch.equal(xs, ref_s)
@@ -194,13 +194,18 @@ def _every_bf16_value_up_to(amaxes):
 @pytest.mark.parametrize("granularity", ["tensor", "row"])
 @pytest.mark.parametrize("exact", [False, True])
 def test_triton_quantize_on_every_bf16_value(granularity, exact, monkeypatch):
-    # Ratios of bf16 values land on fp8 rounding ties often. Every finite bf16 value,
-    # under amaxes of many binades: the multiply moves codes only at ties; EXACT_QUOTIENT
-    # gives the recipe's code for each (CPU float64 reference and torch's CUDA division).
+    # Every finite bf16 value under amaxes of many binades. A value that is a dyadic
+    # fraction of the amax (2.90625 = 7.75 * 3/8) has a quotient just off an fp8 rounding
+    # tie (168.00002), which the multiply by 1/scale rounds onto the tie (168.0, then to
+    # even: 160, not 176): amaxes with few significant bits give ~90 such values here
+    # (CPU emulation). The multiply may move codes only at ties; EXACT_QUOTIENT must give
+    # every code of the recipe (CPU float64 reference and torch's CUDA division).
     monkeypatch.setattr(triton_quantize, "EXACT_QUOTIENT", exact)
     torch.manual_seed(4)
-    amaxes = (torch.rand(24, dtype=torch.float64) * 2.0 ** torch.randint(-12, 12, (24,))).to(torch.bfloat16)
-    amaxes = torch.cat([amaxes, torch.tensor([448.0, 1.0, 2.0 ** -20, 3e38], dtype=torch.bfloat16)])
+    odd = torch.arange(3, 32, 2, dtype=torch.float64)  # amaxes of <= 5 significant bits
+    amaxes = torch.cat([odd * 2.0 ** torch.randint(-10, 10, (len(odd),)),
+                        torch.rand(12, dtype=torch.float64) * 2.0 ** torch.randint(-12, 12, (12,)),
+                        torch.tensor([448.0, 1.0, 2.0 ** -20, 3e38], dtype=torch.float64)]).to(torch.bfloat16)
     x = _every_bf16_value_up_to(amaxes.float())
     for t in ([x] if granularity == "row" else list(x)):  # tensor: one tensor per amax
         _check_against_reference(t, granularity, "none", exact)
