@@ -23,9 +23,10 @@ with one exp and a fast division. The activation is rounded to x's dtype before 
 quantized, as the unfused graph does. Scales are IEEE (`div_rn`, bit-exact with
 `ops.quantize`); values are multiplied by 1/scale (an IEEE division per value kept the
 GELU kernels ALU-bound). That changes an fp8 code only where x / scale sits on a
-rounding tie between two fp8 values, to the tie's other neighbour (equally close to the
-exact quotient): with bf16 data, ratios of bf16 values land on ties for up to ~0.5% of
-values (H100, measured); block-level error is unchanged (benchmarks/README.md).
+rounding tie between two fp8 values (to within an fp32 rounding), to the tie's other
+neighbour (equally close to 7 digits): with bf16 data, ratios of bf16 values land on ties
+for up to ~0.5% of values (H100, measured); block-level error is unchanged
+(benchmarks/README.md).
 EXACT_QUOTIENT = True adds one fma correction step that makes every quotient IEEE's, so
 the codes are bit-exact with `ops.quantize`, ties included (see `_cast`); it is off until
 timed on a GPU.

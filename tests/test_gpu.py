@@ -143,7 +143,7 @@ def _check_against_reference(x, granularity, activation, exact=False):
     assert ((deq - ref).abs() <= ref.abs() / 8 + ref_s.double() * 2 ** -8).all()
     # The kernels multiply by 1/scale where the recipe divides: a code may differ only
     # where act / scale sits on an fp8 rounding tie (common with bf16 data: up to ~0.5%),
-    # and is then the tie's other neighbour, as close to the exact quotient.
+    # and is then the tie's other neighbour (equally close to 7 digits).
     quotient = act.double() / xs.double()
     at_tie = (quotient - (xq + ref_q) / 2).abs() <= quotient.abs() * 2 ** -20
     unexplained = (xq != ref_q) & ~at_tie
