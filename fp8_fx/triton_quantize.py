@@ -27,9 +27,7 @@ rounding tie between two fp8 values (to within an fp32 rounding), to the tie's o
 neighbour (equally close to 7 digits): with bf16 data, ratios of bf16 values land on ties
 for up to ~0.5% of values (H100, measured); block-level error is unchanged
 (benchmarks/README.md).
-EXACT_QUOTIENT = True adds one fma correction step that makes every quotient IEEE's, so
-the codes are bit-exact with `ops.quantize`, ties included (see `_cast`); it is off until
-timed on a GPU.
+EXACT_QUOTIENT (off until timed on a GPU) makes every code bit-exact (see `_cast`).
 Launch configs come from an H100 sweep (benchmarks/bench_quantize.py --sweep).
 On other devices (and without Triton) the op runs the reference: `ops.quantize`.
 """
@@ -121,10 +119,11 @@ if triton is not None:
         RN(q + rem r) = RN(v / s) (Markstein's theorem, the last step of IA-64 division).
         A non-finite remainder (v or s not finite, v / s overflowing) keeps q, which is
         then already IEEE's quotient (inf, NaN, or 0 for v / inf)."""
-        q = v * tl.broadcast_to(inv_scale, v.shape)
+        r = tl.broadcast_to(inv_scale, v.shape)
+        q = v * r
         if EXACT:
             rem = tl.fma(-q, tl.broadcast_to(scale, v.shape), v)
-            q = tl.where(tl.abs(rem) <= FLT_MAX, tl.fma(rem, tl.broadcast_to(inv_scale, v.shape), q), q)
+            q = tl.where(tl.abs(rem) <= FLT_MAX, tl.fma(rem, r, q), q)
         q = tl.minimum(tl.maximum(q, -FP8_MAX, propagate_nan=tl.PropagateNan.ALL), FP8_MAX,
                        propagate_nan=tl.PropagateNan.ALL)
         return q.to(tl.float8e4nv)
