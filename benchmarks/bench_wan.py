@@ -322,25 +322,25 @@ def main():
         p.error("this benchmark needs a CUDA GPU")
     device = torch.cuda.get_device_name().replace(" ", "_")
     out = Path(args.out or Path(__file__).parent / "results" / f"{device}.json")
-    rows = []
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                date=datetime.date.today().isoformat(), command="python " + " ".join(os.sys.argv))
+    cols = ("model", "scope", "tokens", "variant", "ms", "spread_ms", "speedup", "nonattn_ms", "gemm_ms",
+            "launches", "load_s", "compile_s", "peak_gib", "rel_err", "cosine")
     with open(args.log, "a") as log:
         for model in args.model.split(","):
             for scope in args.scope.split(","):
                 for tokens in map(int, args.tokens.split(",")):
-                    rows += bench(model, scope, tokens, variants, args.repeats, args.iters, log,
-                                  args.regional, args.fidelity_inputs)
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                date=datetime.date.today().isoformat(), command="python " + " ".join(os.sys.argv))
-    for r in rows:
-        r.update(meta)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    old = json.loads(out.read_text())["rows"] if out.exists() else []
-    out.write_text(json.dumps({"rows": old + rows}, indent=1))
-    cols = ("model", "scope", "tokens", "variant", "ms", "spread_ms", "speedup", "nonattn_ms", "gemm_ms",
-            "launches", "load_s", "compile_s", "peak_gib", "rel_err", "cosine")
-    print(" | ".join(cols))
-    for r in rows:
-        print(" | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+                    rows = bench(model, scope, tokens, variants, args.repeats, args.iters, log,
+                                 args.regional, args.fidelity_inputs)
+                    for r in rows:
+                        r.update(meta)
+                    # saved group by group: a call cut by its time limit keeps what finished
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    old = json.loads(out.read_text())["rows"] if out.exists() else []
+                    out.write_text(json.dumps({"rows": old + rows}, indent=1))
+                    print(" | ".join(cols))
+                    for r in rows:
+                        print(" | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols))
 
 
 if __name__ == "__main__":
