@@ -1,8 +1,6 @@
 """The activation quantizations Inductor cannot fuse into a producer, alone, on one GPU:
 fp8_fx.triton_quantize (default launch config, and a sweep of others) against Inductor
 compiling the same recipe (`quantize(gelu(x))`), at Wan 480p shapes (32,760 tokens).
-Both casts of triton_quantize are timed, interleaved: the multiply by 1/scale and the
-bit-exact quotient (`triton_exact_ms`, triton_quantize.EXACT_QUOTIENT).
 
     python benchmarks/bench_quantize.py [--sweep] [--skip-inductor] [--out results.json]
 
@@ -12,9 +10,7 @@ Reports CUDA kernel ms per call (torch.profiler) and the effective bandwidth of 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
@@ -50,19 +46,6 @@ def kernel_ms(fn, iters=10):
 
 def total_ms(fn):
     return sum(kernel_ms(fn).values())
-
-
-@contextlib.contextmanager
-def exact_quotient(exact: bool):
-    saved, tq.EXACT_QUOTIENT = tq.EXACT_QUOTIENT, exact
-    try:
-        yield
-    finally:
-        tq.EXACT_QUOTIENT = saved
-
-
-def codes_differing(xq, reference_q) -> float:
-    return (xq.view(torch.uint8) != reference_q.view(torch.uint8)).double().mean().item()
 
 
 def inductor_recipe(activation, granularity):
@@ -104,26 +87,15 @@ def main():
         x = torch.randn(TOKENS, k, device="cuda", dtype=torch.bfloat16) * 2
         for granularity in ("tensor", "row"):
             traffic = x.numel() * (2 * (2 if granularity == "tensor" else 1) + 1)
-            times = {False: [], True: []}
-            for _ in range(3):  # interleaved: multiply, exact, multiply, exact, ...
-                for exact in times:
-                    with exact_quotient(exact):
-                        times[exact].append(total_ms(lambda: tq.triton_quantize(x, granularity, act)))
-            ours, ours_exact = (statistics.median(times[e]) for e in (False, True))
+            ours = total_ms(lambda: tq.triton_quantize(x, granularity, act))
             inductor = None if args.skip_inductor else total_ms(lambda f=inductor_recipe(act, granularity): f(x))
-            rq, rs = tq.reference(x, granularity, act)
-            with exact_quotient(False):
-                xq, xs = tq.triton_quantize(x, granularity, act)
-            with exact_quotient(True):
-                eq, es = tq.triton_quantize(x, granularity, act)
+            (xq, xs), (rq, rs) = tq.triton_quantize(x, granularity, act), tq.reference(x, granularity, act)
+            differ = (xq.view(torch.uint8) != rq.view(torch.uint8)).double().mean().item()
             row = dict(case=label, tokens=TOKENS, k=k, activation=act, granularity=granularity,
-                       triton_ms=round(ours, 4), triton_exact_ms=round(ours_exact, 4),
-                       inductor_ms=round(inductor, 4) if inductor else None,
-                       triton_gbps=round(traffic / ours / 1e6), triton_exact_gbps=round(traffic / ours_exact / 1e6),
+                       triton_ms=round(ours, 4), inductor_ms=round(inductor, 4) if inductor else None,
+                       triton_gbps=round(traffic / ours / 1e6),
                        inductor_gbps=round(traffic / inductor / 1e6) if inductor else None,
-                       scales_equal_to_eager=torch.equal(xs, rs) and torch.equal(es, rs),
-                       fp8_codes_differing=codes_differing(xq, rq),
-                       exact_fp8_codes_differing=codes_differing(eq, rq))
+                       scales_equal_to_eager=torch.equal(xs, rs), fp8_codes_differing=differ)
             if args.sweep:
                 row["sweep"] = sweep(x.reshape(-1, k), tq._ACT_ID[act], granularity)
             rows.append(row)

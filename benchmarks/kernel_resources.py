@@ -29,12 +29,12 @@ from fp8_fx import triton_quantize as tq  # noqa: E402
 
 ROW_SIGNATURE = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "M": "i32", "K": "i32",
                  "ACT": "constexpr", "ROWS": "constexpr", "BLOCK_K": "constexpr", "FP8_MAX": "constexpr",
-                 "MIN_SCALE": "constexpr", "EXACT": "constexpr"}
+                 "MIN_SCALE": "constexpr"}
 AMAX_SIGNATURE = {"x_ptr": "*bf16", "amax_bits_ptr": "*i32", "N": "i32", "ACT": "constexpr",
                   "BLOCK": "constexpr"}
 CAST_SIGNATURE = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "amax_bits_ptr": "*i32", "scale_ptr": "*fp32",
                   "N": "i32", "ACT": "constexpr", "BLOCK": "constexpr", "FP8_MAX": "constexpr",
-                  "MIN_SCALE": "constexpr", "EXACT": "constexpr"}
+                  "MIN_SCALE": "constexpr"}
 
 
 def compile_kernel(fn, signature, constexprs, num_warps, arch):
@@ -73,21 +73,21 @@ def main():
     p.add_argument("--row-block-k", type=int, default=tq.row_config(13824).block_k)
     p.add_argument("--row-warps", type=int, default=tq.row_config(13824).num_warps)
     args = p.parse_args()
+    limits = {"FP8_MAX": ops.FP8_MAX, "MIN_SCALE": ops.MIN_SCALE}
     c = tq.TENSOR_CONFIG
     for activation, act in tq._ACT_ID.items():
-        kernels = {"amax": compile_kernel(tq._amax_kernel, AMAX_SIGNATURE, {"ACT": act, "BLOCK": c.amax_block},
-                                          c.amax_warps, args.arch)}
-        for exact in (False, True):  # the two casts (triton_quantize.EXACT_QUOTIENT)
-            cast = {"FP8_MAX": ops.FP8_MAX, "MIN_SCALE": ops.MIN_SCALE, "EXACT": exact, "ACT": act}
-            suffix = " exact" if exact else ""
-            kernels["row" + suffix] = compile_kernel(
-                tq._rowwise_kernel, ROW_SIGNATURE, {"ROWS": 1, "BLOCK_K": args.row_block_k, **cast},
-                args.row_warps, args.arch)
-            kernels["cast" + suffix] = compile_kernel(
-                tq._cast_kernel, CAST_SIGNATURE, {"BLOCK": args.cast_block, **cast}, args.cast_warps, args.arch)
+        kernels = {
+            "row": compile_kernel(tq._rowwise_kernel, ROW_SIGNATURE,
+                                  {"ACT": act, "ROWS": 1, "BLOCK_K": args.row_block_k, **limits},
+                                  args.row_warps, args.arch),
+            "amax": compile_kernel(tq._amax_kernel, AMAX_SIGNATURE, {"ACT": act, "BLOCK": c.amax_block},
+                                   c.amax_warps, args.arch),
+            "cast": compile_kernel(tq._cast_kernel, CAST_SIGNATURE,
+                                   {"ACT": act, "BLOCK": args.cast_block, **limits}, args.cast_warps, args.arch),
+        }
         for name, kernel in kernels.items():
             r = resources(kernel)
-            print(f"sm_{args.arch} {name:10s} {activation:9s} " + " ".join(f"{k} {v}" for k, v in r.items()))
+            print(f"sm_{args.arch} {name:4s} {activation:9s} " + " ".join(f"{k} {v}" for k, v in r.items()))
 
 
 if __name__ == "__main__":

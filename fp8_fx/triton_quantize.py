@@ -26,8 +26,9 @@ GELU kernels ALU-bound). That changes an fp8 code only where x / scale sits on a
 rounding tie between two fp8 values (to within an fp32 rounding), to the tie's other
 neighbour (equally close to 7 digits): with bf16 data, ratios of bf16 values land on ties
 for up to ~0.5% of values (H100, measured); block-level error is unchanged
-(benchmarks/README.md).
-EXACT_QUOTIENT (off until timed on a GPU) makes every code bit-exact (see `_cast`).
+(benchmarks/README.md). An fma correction step (Markstein) made every code bit-exact,
+but cost 5-15% more time in the GELU and row kernels to move the 0-0.05% of codes near
+ties (H100, run 17 in benchmarks/README.md), so the kernels keep the multiply.
 Launch configs come from an H100 sweep (benchmarks/bench_quantize.py --sweep).
 On other devices (and without Triton) the op runs the reference: `ops.quantize`.
 """
@@ -108,22 +109,11 @@ if triton is not None:
         scale = tl.maximum(scale, MIN_SCALE, propagate_nan=tl.PropagateNan.ALL)
         return scale, libdevice.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
 
-    FLT_MAX = tl.constexpr(3.4028234663852886e38)
-
     @triton.jit
-    def _cast(v, scale, inv_scale, FP8_MAX: tl.constexpr, EXACT: tl.constexpr):
+    def _cast(v, inv_scale, FP8_MAX: tl.constexpr):
         """clamp(v * (1 / scale), -448, 448) -> e4m3 (round to nearest even), NaN kept.
-        A multiply, not an IEEE division per value (see the module docstring).
-        EXACT: the quotient v / scale correctly rounded, still without a division: with
-        r = RN(1/s) and q = RN(v r), the remainder v - q s is exact in one fma and
-        RN(q + rem r) = RN(v / s) (Markstein's theorem, the last step of IA-64 division).
-        A non-finite remainder (v or s not finite, v / s overflowing) keeps q, which is
-        then already IEEE's quotient (inf, NaN, or 0 for v / inf)."""
-        r = tl.broadcast_to(inv_scale, v.shape)
-        q = v * r
-        if EXACT:
-            rem = tl.fma(-q, tl.broadcast_to(scale, v.shape), v)
-            q = tl.where(tl.abs(rem) <= FLT_MAX, tl.fma(rem, r, q), q)
+        A multiply, not an IEEE division per value (see the module docstring)."""
+        q = v * tl.broadcast_to(inv_scale, v.shape)
         q = tl.minimum(tl.maximum(q, -FP8_MAX, propagate_nan=tl.PropagateNan.ALL), FP8_MAX,
                        propagate_nan=tl.PropagateNan.ALL)
         return q.to(tl.float8e4nv)
@@ -153,8 +143,7 @@ if triton is not None:
 
     @triton.jit
     def _rowwise_kernel(x_ptr, q_ptr, scale_ptr, M, K, ACT: tl.constexpr, ROWS: tl.constexpr,
-                        BLOCK_K: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
-                        EXACT: tl.constexpr):
+                        BLOCK_K: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
         """Rows in BLOCK_K chunks: an amax loop, then a cast loop whose reads of the rows
         just read come from L2, so DRAM sees one read. With an activation, the amax loop
         only tracks max(x) and min(x) (see GELU_NEGATIVE_BOUND); rows where that cannot
@@ -184,7 +173,7 @@ if triton is not None:
             mask = row_mask & (cols[None, :] < K)
             offsets = row_offsets + cols[None, :]
             v = _load_activated(x_ptr, offsets, mask, ACT, "evict_first")
-            tl.store(q_ptr + offsets, _cast(v, scale, inv_scale, FP8_MAX, EXACT), mask=mask)
+            tl.store(q_ptr + offsets, _cast(v, inv_scale, FP8_MAX), mask=mask)
         tl.store(scale_ptr + rows[:, None], scale, mask=row_mask)
 
     @triton.jit
@@ -224,15 +213,14 @@ if triton is not None:
 
     @triton.jit
     def _cast_kernel(x_ptr, q_ptr, amax_bits_ptr, scale_ptr, N, ACT: tl.constexpr,
-                     BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
-                     EXACT: tl.constexpr):
+                     BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
         pid = tl.program_id(0)
         one = tl.arange(0, 1)
         scale, inv_scale = _scale(tl.load(amax_bits_ptr + one).to(tl.float32, bitcast=True), FP8_MAX, MIN_SCALE)
         offsets = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < N
         v = _load_activated(x_ptr, offsets, mask, ACT, "evict_first")
-        tl.store(q_ptr + offsets, _cast(v, scale, inv_scale, FP8_MAX, EXACT), mask=mask)
+        tl.store(q_ptr + offsets, _cast(v, inv_scale, FP8_MAX), mask=mask)
         tl.store(scale_ptr + one, scale, mask=(one == 0) & (pid == 0))
 
 
@@ -272,15 +260,7 @@ def row_config(k: int) -> RowConfig:
 TENSOR_CONFIG = TensorConfig(amax_block=4096, amax_warps=16, programs_per_sm=8,
                              cast_block=4096, cast_warps=4)
 
-# True: bit-exact quotients (the fma step in _cast). It compiles for sm_90
-# (benchmarks/kernel_resources.py, Triton 3.9) and equals IEEE division in Triton's
-# interpreter, but is not yet timed on a GPU (the tensor-wise cast kernel's registers go
-# from 32 to 48): turn it on once bench_quantize.py shows no slowdown.
-EXACT_QUOTIENT = False
-
-
-def _quantize_rows(x2d: torch.Tensor, act: int, config: Optional[RowConfig] = None,
-                   exact: Optional[bool] = None):
+def _quantize_rows(x2d: torch.Tensor, act: int, config: Optional[RowConfig] = None):
     from torch.library import wrap_triton
     m, k = x2d.shape
     c = config or row_config(k)
@@ -288,12 +268,11 @@ def _quantize_rows(x2d: torch.Tensor, act: int, config: Optional[RowConfig] = No
     scale = torch.empty((m, 1), dtype=torch.float32, device=x2d.device)
     wrap_triton(_rowwise_kernel)[(triton.cdiv(m, c.rows),)](
         x2d, xq, scale, m, k, ACT=act, ROWS=c.rows, BLOCK_K=c.block_k,
-        FP8_MAX=ops.FP8_MAX, MIN_SCALE=ops.MIN_SCALE, EXACT=_exact(exact), num_warps=c.num_warps)
+        FP8_MAX=ops.FP8_MAX, MIN_SCALE=ops.MIN_SCALE, num_warps=c.num_warps)
     return xq, scale
 
 
-def _quantize_tensor(x2d: torch.Tensor, act: int, config: TensorConfig = TENSOR_CONFIG,
-                     exact: Optional[bool] = None):
+def _quantize_tensor(x2d: torch.Tensor, act: int, config: TensorConfig = TENSOR_CONFIG):
     from torch.library import wrap_triton
     n, c = x2d.numel(), config
     xq = torch.empty(x2d.shape, dtype=ops.FP8_DTYPE, device=x2d.device)
@@ -304,12 +283,8 @@ def _quantize_tensor(x2d: torch.Tensor, act: int, config: TensorConfig = TENSOR_
                                            num_warps=c.amax_warps)
     wrap_triton(_cast_kernel)[(triton.cdiv(n, c.cast_block),)](
         x2d, xq, amax_bits, scale, n, ACT=act, BLOCK=c.cast_block,
-        FP8_MAX=ops.FP8_MAX, MIN_SCALE=ops.MIN_SCALE, EXACT=_exact(exact), num_warps=c.cast_warps)
+        FP8_MAX=ops.FP8_MAX, MIN_SCALE=ops.MIN_SCALE, num_warps=c.cast_warps)
     return xq, scale
-
-
-def _exact(exact: Optional[bool]) -> bool:
-    return EXACT_QUOTIENT if exact is None else exact
 
 
 def _triton_quantize(x: torch.Tensor, granularity: str, activation: str) -> Tuple[torch.Tensor, torch.Tensor]:
