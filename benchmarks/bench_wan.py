@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import block_errors
 import fp8_fx
 from fp8_fx.qualname import matching_suffix
 
@@ -217,7 +218,8 @@ def first(out):
     return out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
 
 
-def bench(model, scope, tokens, variants, repeats, iters, log, regional=False, fidelity_inputs=1):
+def bench(model, scope, tokens, variants, repeats, iters, log, regional=False, fidelity_inputs=1,
+          per_block=False):
     torch._dynamo.reset()  # each group compiles afresh (and stays under the recompile limit)
     inputs = make_inputs(model, scope, tokens)
     # Fidelity draws: the timed inputs, then seeds 3, 4, ... (seed 2 is the calibration's).
@@ -235,11 +237,13 @@ def bench(model, scope, tokens, variants, repeats, iters, log, regional=False, f
             shared["gpu"] = copy.deepcopy(cpu_net()).to("cuda")
         return shared["gpu"]
 
-    rows, fns, refs, amax = {}, {}, None, {}
+    rows, fns, nets, refs, amax, io = {}, {}, {}, None, {}, None
     t_group = time.perf_counter()
     with torch.no_grad():
         if any(v.startswith(("bf16", "torchao")) or v.endswith(("gpu_load", "static")) for v in variants):
             refs = [first(gpu_net()(*d, **kwargs)) for d in draws]  # bf16 eager: the fidelity reference
+            if per_block:  # every block's input and output of the timed draw, kept on the CPU
+                io = block_errors.record_block_io(gpu_net(), lambda: gpu_net()(*inputs, **kwargs))
             print(f"{model} {scope} {tokens}: bf16 model built and reference run in "
                   f"{time.perf_counter() - t_group:.1f}s", flush=True)
         if "fp8_fx_static" in variants:  # eager bf16, before anything compiles, on other inputs
@@ -263,6 +267,7 @@ def bench(model, scope, tokens, variants, repeats, iters, log, regional=False, f
             else:
                 fid, rel, cos = [], None, None
             fns[name] = lambda fn=fn: fn(*inputs, **kwargs)
+            nets[name] = fn
             fns[name]()  # warm
             prof = kernel_profile(fns[name])
             rows[name] = dict(model=model, scope=scope, tokens=tokens, variant=name,
@@ -280,6 +285,19 @@ def bench(model, scope, tokens, variants, repeats, iters, log, regional=False, f
             del out
             print(f"compiled {name}: load {load_s:.1f}s, first call {compile_s:.1f}s, peak {peak:.2f} GiB",
                   flush=True)
+        if io is not None:
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            t0 = time.perf_counter()
+            errs = block_errors.block_errors(nets, io, reference_blocks=cpu_net().blocks)
+            new_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+            print(f"per-block errors in {time.perf_counter() - t0:.1f}s ({new_graphs} graphs compiled on the way)",
+                  flush=True)
+            for name in variants:
+                rows[name].update(block_errors.summary(errs[name]), block_graphs_compiled=new_graphs,
+                                  bf16_eager_block_rel_err_fp32=statistics.mean(errs["bf16_eager"]["vs_fp32"]),
+                                  bf16_eager_block_rel_errs_fp32=errs["bf16_eager"]["vs_fp32"])
+            del io, errs
+        nets.clear()
         times = {n: [] for n in variants}
         for _ in range(repeats):  # interleaved
             for name in variants:
@@ -307,6 +325,9 @@ def main():
                    help="rel_err / cosine: the mean over this many input draws (the first is the timed one)")
     p.add_argument("--regional", action="store_true",
                    help="scope full: compile the repeated blocks only (diffusers' compile_repeated_blocks)")
+    p.add_argument("--block-errors", action="store_true",
+                   help="scope full, --regional: each block's error fed the bf16 eager run's own input to "
+                        "it, against bf16 eager and fp32 (benchmarks/block_errors.py)")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<device>.json)")
     p.add_argument("--log", default=os.environ.get("OUT", ".") + "/bench_kernels.log")
     args = p.parse_args()
@@ -316,6 +337,11 @@ def main():
         p.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
     if args.regional and any(v == "bf16_eager" or v.endswith("_gpu_load") for v in variants):
         p.error("--regional compiles the shared bf16 model in place: drop bf16_eager and *_gpu_load")
+    if args.block_errors and not (args.regional and args.scope == "full"):
+        p.error("--block-errors needs --scope full --regional (it calls each variant's compiled blocks)")
+    if args.block_errors and not any(v.startswith(("bf16", "torchao")) or v.endswith(("gpu_load", "static"))
+                                     for v in variants):
+        p.error("--block-errors needs the bf16 GPU model: add bf16_compile or a torchao variant")
     if args.fidelity_inputs < 1:
         p.error("--fidelity-inputs must be at least 1")
     if not torch.cuda.is_available():
@@ -331,7 +357,7 @@ def main():
             for scope in args.scope.split(","):
                 for tokens in map(int, args.tokens.split(",")):
                     rows = bench(model, scope, tokens, variants, args.repeats, args.iters, log,
-                                 args.regional, args.fidelity_inputs)
+                                 args.regional, args.fidelity_inputs, args.block_errors)
                     for r in rows:
                         r.update(meta)
                     # saved group by group: a call cut by its time limit keeps what finished
