@@ -27,7 +27,7 @@ rounding tie between two fp8 values (to within an fp32 rounding), to the tie's o
 neighbour (equally close to 7 digits): with bf16 data, ratios of bf16 values land on ties
 for up to ~0.5% of values (H100, measured); block-level error is unchanged
 (benchmarks/README.md). An fma correction step (Markstein) made every code bit-exact,
-but cost 5-15% more time in the GELU and row kernels to move the 0-0.05% of codes near
+but cost 6-15% more time in the GELU and row kernels to move the 0-0.05% of codes near
 ties (H100, run 17 in benchmarks/README.md), so the kernels keep the multiply.
 Launch configs come from an H100 sweep (benchmarks/bench_quantize.py --sweep).
 On other devices (and without Triton) the op runs the reference: `ops.quantize`.
