@@ -218,6 +218,12 @@ def first(out):
     return out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
 
 
+def uses_bf16_gpu_model(variants) -> bool:
+    """Whether a variant builds the shared bf16 GPU model (then the bf16 eager reference
+    runs on it too)."""
+    return any(v.startswith(("bf16", "torchao")) or v.endswith(("gpu_load", "static")) for v in variants)
+
+
 def bench(model, scope, tokens, variants, repeats, iters, log, regional=False, fidelity_inputs=1,
           per_block=False):
     torch._dynamo.reset()  # each group compiles afresh (and stays under the recompile limit)
@@ -240,7 +246,7 @@ def bench(model, scope, tokens, variants, repeats, iters, log, regional=False, f
     rows, fns, nets, refs, amax, io = {}, {}, {}, None, {}, None
     t_group = time.perf_counter()
     with torch.no_grad():
-        if any(v.startswith(("bf16", "torchao")) or v.endswith(("gpu_load", "static")) for v in variants):
+        if uses_bf16_gpu_model(variants):
             refs = [first(gpu_net()(*d, **kwargs)) for d in draws]  # bf16 eager: the fidelity reference
             if per_block:  # every block's input and output of the timed draw, kept on the CPU
                 io = block_errors.record_block_io(gpu_net(), lambda: gpu_net()(*inputs, **kwargs))
@@ -339,8 +345,7 @@ def main():
         p.error("--regional compiles the shared bf16 model in place: drop bf16_eager and *_gpu_load")
     if args.block_errors and not (args.regional and args.scope == "full"):
         p.error("--block-errors needs --scope full --regional (it calls each variant's compiled blocks)")
-    if args.block_errors and not any(v.startswith(("bf16", "torchao")) or v.endswith(("gpu_load", "static"))
-                                     for v in variants):
+    if args.block_errors and not uses_bf16_gpu_model(variants):
         p.error("--block-errors needs the bf16 GPU model: add bf16_compile or a torchao variant")
     if args.fidelity_inputs < 1:
         p.error("--fidelity-inputs must be at least 1")

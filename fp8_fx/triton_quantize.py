@@ -260,6 +260,7 @@ def row_config(k: int) -> RowConfig:
 TENSOR_CONFIG = TensorConfig(amax_block=4096, amax_warps=16, programs_per_sm=8,
                              cast_block=4096, cast_warps=4)
 
+
 def _quantize_rows(x2d: torch.Tensor, act: int, config: Optional[RowConfig] = None):
     from torch.library import wrap_triton
     m, k = x2d.shape

@@ -205,15 +205,26 @@ def test_triton_quantize_on_every_bf16_value(granularity):
         _check_against_reference(t, granularity, "none")
 
 
+def _with_one_value(value):
+    """A Wan-width bf16 activation with `value` (inf, NaN, ...) at one place."""
+    x = torch.randn(4, 1536, device=CUDA, dtype=torch.bfloat16) * 3
+    x[1, 9] = value
+    return x
+
+
+def _eager_recipe(x, granularity, activation):
+    """The unfused graph on the GPU: torch's activation, then `ops.quantize`."""
+    return ops.quantize(torch.nn.functional.gelu(x, approximate="tanh") if activation != "none" else x,
+                        granularity)
+
+
 @pytest.mark.parametrize("granularity", ["tensor", "row"])
 @pytest.mark.parametrize("activation", ["none", "gelu_tanh"])
 def test_triton_quantize_with_an_infinite_amax_matches_the_recipe(granularity, activation):
     # amax = inf makes the scale inf: finite values divide to 0 and inf / inf is NaN
-    x = torch.randn(4, 1536, device=CUDA, dtype=torch.bfloat16) * 3
-    x[1, 9] = float("inf")
+    x = _with_one_value(float("inf"))
     xq, xs = torch.ops.fp8_fx.triton_quantize(x, granularity, activation)
-    eq, es = ops.quantize(torch.nn.functional.gelu(x, approximate="tanh") if activation != "none" else x,
-                          granularity)
+    eq, es = _eager_recipe(x, granularity, activation)
     assert torch.equal(xs, es)
     assert torch.equal(torch.isnan(xq.float()), torch.isnan(eq.float()))
     finite = ~torch.isnan(eq.float())
@@ -242,11 +253,9 @@ def test_triton_quantize_gelu_amax_when_max_x_cannot_decide(granularity, activat
 @pytest.mark.parametrize("activation", ["none", "gelu_tanh"])
 def test_triton_quantize_propagates_minus_inf_through_gelu(granularity, activation):
     # GELU(-inf) is NaN (as in torch): the amax is NaN, never a silent finite scale.
-    x = torch.randn(4, 1536, device=CUDA, dtype=torch.bfloat16) * 3
-    x[1, 9] = float("-inf")
+    x = _with_one_value(float("-inf"))
     _, xs = torch.ops.fp8_fx.triton_quantize(x, granularity, activation)
-    _, ref_s = ops.quantize(torch.nn.functional.gelu(x, approximate="tanh") if activation != "none" else x,
-                            granularity)
+    _, ref_s = _eager_recipe(x, granularity, activation)
     assert torch.equal(torch.isnan(xs), torch.isnan(ref_s)) and torch.equal(torch.isinf(xs), torch.isinf(ref_s))
 
 
