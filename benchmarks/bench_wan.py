@@ -6,7 +6,8 @@ One process, one GPU. Variants are compiled first, then timed interleaved
 (A B C A B C ...) because the attention kernel alone drifts ~6% between runs; each
 row reports the median and spread, non-attention and GEMM kernel time from one
 profiled forward (median of 5), kernel launches, compile time, peak memory and fidelity against
-bf16 eager (mean over --fidelity-inputs input draws). Rows are appended to
+bf16 eager (mean over --fidelity-inputs input draws; --fp32-reference: also against the
+model in fp32). Rows are appended to
 benchmarks/results/<device>.json.
 """
 from __future__ import annotations
@@ -225,7 +226,7 @@ def uses_bf16_gpu_model(variants) -> bool:
 
 
 def bench(model, scope, tokens, variants, repeats, iters, log, regional=False, fidelity_inputs=1,
-          per_block=False):
+          per_block=False, fp32_reference=False):
     torch._dynamo.reset()  # each group compiles afresh (and stays under the recompile limit)
     inputs = make_inputs(model, scope, tokens)
     # Fidelity draws: the timed inputs, then seeds 3, 4, ... (seed 2 is the calibration's).
@@ -246,6 +247,11 @@ def bench(model, scope, tokens, variants, repeats, iters, log, regional=False, f
     rows, fns, nets, refs, amax, io = {}, {}, {}, None, {}, None
     t_group = time.perf_counter()
     with torch.no_grad():
+        refs32 = None
+        if fp32_reference:  # first: the fp32 model (56 GB for 14B) is freed before the rest loads
+            refs32 = block_errors.fp32_outputs(cpu_net(), draws, kwargs, "cuda")
+            print(f"{model} {scope} {tokens}: fp32 reference run in {time.perf_counter() - t_group:.1f}s",
+                  flush=True)
         if uses_bf16_gpu_model(variants):
             refs = [first(gpu_net()(*d, **kwargs)) for d in draws]  # bf16 eager: the fidelity reference
             if per_block:  # every block's input and output of the timed draw, kept on the CPU
@@ -266,12 +272,21 @@ def bench(model, scope, tokens, variants, repeats, iters, log, regional=False, f
             torch.cuda.synchronize()
             compile_s = time.perf_counter() - t0 - load_s
             peak = torch.cuda.max_memory_allocated() / 2**30
+            outs = [out] + [first(fn(*d, **kwargs)) for d in draws[1:]] if refs or refs32 else []
             if refs is not None:  # one draw: this output; more: each draw, then the mean
-                fid = [fidelity(out, refs[0])] + [fidelity(first(fn(*d, **kwargs)), r)
-                                                   for d, r in zip(draws[1:], refs[1:])]
+                fid = [fidelity(o, r) for o, r in zip(outs, refs)]
                 rel, cos = (statistics.mean(v) for v in zip(*fid))
             else:
                 fid, rel, cos = [], None, None
+            if refs32 is not None:  # the same, against the fp32 forward
+                fid32 = [fidelity(o, r.to(o.device)) for o, r in zip(outs, refs32)]
+                fp32_fields = dict(rel_err_fp32=statistics.mean(f[0] for f in fid32),
+                                   rel_errs_fp32=[f[0] for f in fid32])
+                if refs is not None:
+                    eager32 = [fidelity(r, r32.to(r.device))[0] for r, r32 in zip(refs, refs32)]
+                    fp32_fields.update(bf16_eager_rel_err_fp32=statistics.mean(eager32),
+                                       bf16_eager_rel_errs_fp32=eager32)
+            del outs
             fns[name] = lambda fn=fn: fn(*inputs, **kwargs)
             nets[name] = fn
             fns[name]()  # warm
@@ -282,6 +297,9 @@ def bench(model, scope, tokens, variants, repeats, iters, log, regional=False, f
                               rel_err=rel, cosine=cos, rel_errs=[f[0] for f in fid],
                               nonattn_ms=round(prof["nonattn_ms"], 3), gemm_ms=round(prof["gemm_ms"], 3),
                               attn_ms=round(prof["attn_ms"], 3), launches=prof["launches"])
+            if refs32 is not None:
+                rows[name].update(fp32_fields)
+                print(f"{name}: rel_err {rows[name]['rel_errs']} vs fp32 {fp32_fields}", flush=True)
             log.write(f"\n## {model} {scope} {tokens} {name}: top kernels\n")
             for k, ms in prof["kernels"][:25]:
                 log.write(f"{ms:9.3f} ms  {k[:160]}\n")
@@ -298,6 +316,8 @@ def bench(model, scope, tokens, variants, repeats, iters, log, regional=False, f
             new_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
             print(f"per-block errors in {time.perf_counter() - t0:.1f}s ({new_graphs} graphs compiled on the way)",
                   flush=True)
+            # the lists on stdout too: the timing that follows could still run past the call's limit
+            print("BLOCK_ERRORS " + json.dumps(errs), flush=True)
             for name in variants:
                 rows[name].update(block_errors.summary(errs[name]), block_graphs_compiled=new_graphs,
                                   bf16_eager_block_rel_err_fp32=statistics.mean(errs["bf16_eager"]["vs_fp32"]),
@@ -334,6 +354,9 @@ def main():
     p.add_argument("--block-errors", action="store_true",
                    help="scope full, --regional: each block's error fed the bf16 eager run's own input to "
                         "it, against bf16 eager and fp32 (benchmarks/block_errors.py)")
+    p.add_argument("--fp32-reference", action="store_true",
+                   help="also rel_err_fp32: each variant's output against the same model run in fp32 "
+                        "(14B: 56 GB, run first and freed)")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<device>.json)")
     p.add_argument("--log", default=os.environ.get("OUT", ".") + "/bench_kernels.log")
     args = p.parse_args()
@@ -362,7 +385,7 @@ def main():
             for scope in args.scope.split(","):
                 for tokens in map(int, args.tokens.split(",")):
                     rows = bench(model, scope, tokens, variants, args.repeats, args.iters, log,
-                                 args.regional, args.fidelity_inputs, args.block_errors)
+                                 args.regional, args.fidelity_inputs, args.block_errors, args.fp32_reference)
                     for r in rows:
                         r.update(meta)
                     # saved group by group: a call cut by its time limit keeps what finished

@@ -1,4 +1,4 @@
-"""Per-block ("teacher-forced") error of Wan DiT variants.
+"""Per-block ("teacher-forced") error of Wan DiT variants, and the fp32 reference forward.
 
 A full-forward rel_err mixes each block's own error with 40 blocks of amplification:
 on the 14B DiT, bf16 compile alone moves the output by 1.7% against bf16 eager, 500x
@@ -12,6 +12,7 @@ to the true block.
 
     io = record_block_io(net, lambda: net(*inputs))         # bf16 eager reference run
     errs = block_errors({"fp8_fx": fp8_net, ...}, io, reference_blocks=cpu_net.blocks)
+    refs32 = fp32_outputs(cpu_net, draws, kwargs, "cuda")     # the full forward in fp32
 
 Host memory: every block's input and output of one forward (14B, 480p: 41 x 335 MB).
 """
@@ -77,6 +78,20 @@ def _upcast(x):
     if isinstance(x, (tuple, list)):  # diffusers' rotary embedding: (cos, sin)
         return type(x)(map(_upcast, x))
     return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+
+def fp32_outputs(net: nn.Module, draws: List[tuple], kwargs: dict, device) -> List[torch.Tensor]:
+    """The fp32 forward of a copy of `net` (bf16, anywhere) on each draw (inputs upcast),
+    on the CPU: the function the bf16 model approximates, end to end. Built and freed on
+    `device` before anything else needs it (14B: 56 GB)."""
+    net32 = copy.deepcopy(net).to(device).float()  # cast on the device; .float() keeps integer buffers
+    outs = []
+    with torch.no_grad():
+        for d in draws:
+            out = _first(net32(*(_upcast(x).to(device) for x in d), **kwargs))
+            outs.append(out.to("cpu"))
+    del net32
+    return outs
 
 
 def block_errors(nets: Dict[str, nn.Module], io: BlockIO,

@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("diffusers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from block_errors import block_errors, record_block_io, summary  # noqa: E402
+from block_errors import block_errors, fp32_outputs, record_block_io, summary  # noqa: E402
 from fp8_fx import FP8Config, make_fp8_backend  # noqa: E402
 from fp8_fx.wan import build_wan  # noqa: E402
 from reference import rel_err  # noqa: E402
@@ -64,3 +64,20 @@ def test_record_block_io_says_when_the_run_misses_blocks():
     ref = build_wan("tiny")
     with pytest.raises(RuntimeError, match="recorded 0 block calls for 2 blocks"):
         record_block_io(ref, lambda: None)
+
+
+def test_fp32_outputs_is_the_full_forward_upcast():
+    ref = build_wan("tiny", seed=5)
+    draws = [inputs(seed=21), inputs(seed=22)]
+    dtypes = [p.dtype for p in ref.parameters()]
+    outs = fp32_outputs(ref, draws, {"return_dict": False}, "cpu")
+    net64 = copy.deepcopy(ref).double()
+    for (x, t, text), out in zip(draws, outs):
+        with torch.no_grad():
+            y64 = net64(x.double(), t, text.double(), return_dict=False)[0]
+            y16 = ref(x, t, text, return_dict=False)[0]
+        assert out.dtype == torch.float32 and out.device.type == "cpu"
+        # fp32 rounding is orders of magnitude below the bf16 model's error
+        assert rel_err(out, y64) < 1e-5
+        assert rel_err(y16, y64) > 1e-3
+    assert torch.bfloat16 in dtypes and [p.dtype for p in ref.parameters()] == dtypes  # ref left as it was
