@@ -207,6 +207,7 @@ def test_triton_quantize_on_every_bf16_value(granularity):
 
 def _with_one_value(value):
     """A Wan-width bf16 activation with `value` (inf, NaN, ...) at one place."""
+    torch.manual_seed(5)
     x = torch.randn(4, 1536, device=CUDA, dtype=torch.bfloat16) * 3
     x[1, 9] = value
     return x
@@ -218,17 +219,33 @@ def _eager_recipe(x, granularity, activation):
                         granularity)
 
 
+def _check_infinite_amax(xq, xs, eq, es, granularity, activation):
+    xq, eq = xq.float(), eq.float()
+    inf_scale = torch.isinf(es)  # the whole tensor, or (row) the row holding the inf
+    assert inf_scale.any() and torch.equal(torch.isinf(xs), inf_scale)
+    # Under an inf scale: NaN exactly at the inf (inf / inf), every finite value to zero.
+    assert torch.equal(torch.isnan(xq), torch.isnan(eq))
+    zeroed = inf_scale.expand_as(eq) & ~torch.isnan(eq)
+    assert zeroed.any() and (xq[zeroed] == 0).all() and (eq[zeroed] == 0).all()
+    if granularity == "row":  # the other rows are ordinary ones
+        rest = ~inf_scale.squeeze(-1)
+        if activation == "none":
+            assert torch.equal(xs[rest], es[rest]) and torch.equal(xq[rest], eq[rest])
+        else:  # our GELU may round one ulp from torch's (see _check_against_reference)
+            assert torch.allclose(xs[rest], es[rest], rtol=2 ** -7, atol=0)
+            deq, ref = xq[rest] * xs[rest], eq[rest] * es[rest]
+            assert ((deq - ref).abs() <= ref.abs() / 8 + es[rest] * 2 ** -8).all()
+
+
 @pytest.mark.parametrize("granularity", ["tensor", "row"])
 @pytest.mark.parametrize("activation", ["none", "gelu_tanh"])
 def test_triton_quantize_with_an_infinite_amax_matches_the_recipe(granularity, activation):
-    # amax = inf makes the scale inf: finite values divide to 0 and inf / inf is NaN
+    # amax = inf makes the scale inf: finite values divide to 0 and inf / inf is NaN.
+    # (Unseeded, an exact comparison of the GELU rows' scales failed 1 run in 2 on the H100:
+    # the one-ulp GELU difference that _check_against_reference allows.)
     x = _with_one_value(float("inf"))
     xq, xs = torch.ops.fp8_fx.triton_quantize(x, granularity, activation)
-    eq, es = _eager_recipe(x, granularity, activation)
-    assert torch.equal(xs, es)
-    assert torch.equal(torch.isnan(xq.float()), torch.isnan(eq.float()))
-    finite = ~torch.isnan(eq.float())
-    assert finite.any() and torch.equal(xq.float()[finite], eq.float()[finite])
+    _check_infinite_amax(xq, xs, *_eager_recipe(x, granularity, activation), granularity, activation)
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "row"])
