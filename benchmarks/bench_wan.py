@@ -76,13 +76,13 @@ class OneBlock(nn.Module):
         return self.blocks[0](x, context, timestep_proj, rotary_emb)
 
 
-def build_net(model: str, scope: str, device):
-    """bf16 net with seeded random weights (same weights on every call)."""
+def build_net(model: str, scope: str, device, seed: int = 0):
+    """bf16 net with seeded random weights (same seed, same weights)."""
     from fp8_fx.wan import build_wan
     dim, ffn_dim, heads, _ = SIZES[model]
     if scope == "full":
-        return build_wan(model, dtype=torch.bfloat16, device=device, seed=0)
-    torch.manual_seed(0)
+        return build_wan(model, dtype=torch.bfloat16, device=device, seed=seed)
+    torch.manual_seed(seed)
     with torch.device(device):
         return OneBlock(dim, ffn_dim, heads).to(torch.bfloat16).eval()
 
@@ -226,7 +226,7 @@ def uses_bf16_gpu_model(variants) -> bool:
 
 
 def bench(model, scope, tokens, variants, repeats, iters, log, regional=False, fidelity_inputs=1,
-          per_block=False, fp32_reference=False):
+          per_block=False, fp32_reference=False, weight_seed=0):
     torch._dynamo.reset()  # each group compiles afresh (and stays under the recompile limit)
     inputs = make_inputs(model, scope, tokens)
     # Fidelity draws: the timed inputs, then seeds 3, 4, ... (seed 2 is the calibration's).
@@ -236,7 +236,7 @@ def bench(model, scope, tokens, variants, repeats, iters, log, regional=False, f
 
     def cpu_net():  # built once, on the CPU (seeded): every variant gets these weights
         if "cpu" not in shared:
-            shared["cpu"] = build_net(model, scope, "cpu")
+            shared["cpu"] = build_net(model, scope, "cpu", weight_seed)
         return shared["cpu"]
 
     def gpu_net():
@@ -292,7 +292,7 @@ def bench(model, scope, tokens, variants, repeats, iters, log, regional=False, f
             fns[name]()  # warm
             prof = kernel_profile(fns[name])
             rows[name] = dict(model=model, scope=scope, tokens=tokens, variant=name,
-                              regional=regional and scope == "full",
+                              regional=regional and scope == "full", weight_seed=weight_seed,
                               load_s=round(load_s, 2), compile_s=round(compile_s, 2), peak_gib=round(peak, 2),
                               rel_err=rel, cosine=cos, rel_errs=[f[0] for f in fid],
                               nonattn_ms=round(prof["nonattn_ms"], 3), gemm_ms=round(prof["gemm_ms"], 3),
@@ -357,6 +357,8 @@ def main():
     p.add_argument("--fp32-reference", action="store_true",
                    help="also rel_err_fp32: each variant's output against the same model run in fp32 "
                         "(14B: 56 GB, run first and freed)")
+    p.add_argument("--weight-seed", type=int, default=0,
+                   help="seed of the random weights: a full-model fidelity comparison is one weight draw")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<device>.json)")
     p.add_argument("--log", default=os.environ.get("OUT", ".") + "/bench_kernels.log")
     args = p.parse_args()
@@ -385,7 +387,8 @@ def main():
             for scope in args.scope.split(","):
                 for tokens in map(int, args.tokens.split(",")):
                     rows = bench(model, scope, tokens, variants, args.repeats, args.iters, log,
-                                 args.regional, args.fidelity_inputs, args.block_errors, args.fp32_reference)
+                                 args.regional, args.fidelity_inputs, args.block_errors, args.fp32_reference,
+                                 args.weight_seed)
                     for r in rows:
                         r.update(meta)
                     # saved group by group: a call cut by its time limit keeps what finished
