@@ -28,10 +28,13 @@ def scales(t: torch.Tensor, granularity: str, bf16_rounded: bool) -> torch.Tenso
     return amax.float() / torch.tensor(448.0)
 
 
+def quantize(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (t.float() / scale).clamp(-448, 448).to(FP8)
+
+
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, granularity: str, bf16_rounded: bool) -> torch.Tensor:
     sx, sw = scales(x, granularity, bf16_rounded), scales(w, granularity, bf16_rounded)
-    xq = (x.float() / sx).clamp(-448, 448).to(FP8)
-    wq = (w.float() / sw).clamp(-448, 448).to(FP8)
+    xq, wq = quantize(x, sx), quantize(w, sw)
     sw = sw.double().T if granularity == "row" else sw.double()
     return (xq.double() @ wq.double().T) * sx.double() * sw
 
