@@ -278,14 +278,15 @@ def bench(model, scope, tokens, variants, repeats, iters, log, regional=False, f
                 rel, cos = (statistics.mean(v) for v in zip(*fid))
             else:
                 fid, rel, cos = [], None, None
+            fp32_fields = {}
             if refs32 is not None:  # the same, against the fp32 forward
-                fid32 = [fidelity(o, r.to(o.device)) for o, r in zip(outs, refs32)]
-                fp32_fields = dict(rel_err_fp32=statistics.mean(f[0] for f in fid32),
-                                   rel_errs_fp32=[f[0] for f in fid32])
+                err32 = [fidelity(o, r.to(o.device))[0] for o, r in zip(outs, refs32)]
+                fp32_fields.update(rel_err_fp32=statistics.mean(err32), rel_errs_fp32=err32)
                 if refs is not None:
                     eager32 = [fidelity(r, r32.to(r.device))[0] for r, r32 in zip(refs, refs32)]
                     fp32_fields.update(bf16_eager_rel_err_fp32=statistics.mean(eager32),
                                        bf16_eager_rel_errs_fp32=eager32)
+                print(f"{name}: rel_err {[f[0] for f in fid]} vs fp32 {fp32_fields}", flush=True)
             del outs
             fns[name] = lambda fn=fn: fn(*inputs, **kwargs)
             nets[name] = fn
@@ -296,10 +297,7 @@ def bench(model, scope, tokens, variants, repeats, iters, log, regional=False, f
                               load_s=round(load_s, 2), compile_s=round(compile_s, 2), peak_gib=round(peak, 2),
                               rel_err=rel, cosine=cos, rel_errs=[f[0] for f in fid],
                               nonattn_ms=round(prof["nonattn_ms"], 3), gemm_ms=round(prof["gemm_ms"], 3),
-                              attn_ms=round(prof["attn_ms"], 3), launches=prof["launches"])
-            if refs32 is not None:
-                rows[name].update(fp32_fields)
-                print(f"{name}: rel_err {rows[name]['rel_errs']} vs fp32 {fp32_fields}", flush=True)
+                              attn_ms=round(prof["attn_ms"], 3), launches=prof["launches"], **fp32_fields)
             log.write(f"\n## {model} {scope} {tokens} {name}: top kernels\n")
             for k, ms in prof["kernels"][:25]:
                 log.write(f"{ms:9.3f} ms  {k[:160]}\n")

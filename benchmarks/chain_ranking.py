@@ -24,7 +24,7 @@ import torch.nn as nn
 import fp8_fx
 from fp8_fx.qualname import matching_suffix
 from fp8_fx.wan import _wan_class, cast_like_diffusers
-from scale_rounding import quantize, scales
+from scale_rounding import quantize, relative_error as rel, scales
 
 # Wan 2.1's block at 1/10 of 14B's width (head_dim 128, FFN 3x wide), with 14B's 40 blocks.
 CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=128, in_channels=16,
@@ -65,10 +65,6 @@ def inputs(seed: int):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(1, 16, 5, 32, 32, generator=g).bfloat16(), torch.tensor([500]),
             torch.randn(1, 64, CONFIG["text_dim"], generator=g).bfloat16())
-
-
-def rel(y, ref):
-    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def run(net, x, t, text):

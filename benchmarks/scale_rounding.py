@@ -40,6 +40,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, granularity: str, bf16_rounded:
 
 
 def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    y, ref = y.double(), ref.double()
     return ((y - ref).norm() / ref.norm()).item()
 
 
