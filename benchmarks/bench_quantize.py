@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fp8_fx import ops
-from fp8_fx import triton_quantize as tq
+from fp8_fx.kernels import triton_quantize as tq
 
 CASES = [  # (label, K, activation): the unfusable inputs of a Wan block
     ("1.3B to_out input", 1536, "none"),

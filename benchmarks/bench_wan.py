@@ -27,7 +27,7 @@ import torch.nn as nn
 
 import block_errors
 import fp8_fx
-from fp8_fx.qualname import matching_suffix
+from fp8_fx.targeting import first_match
 
 SIZES = {  # Wan 2.1 T2V: dim, ffn_dim, heads, layers
     "1.3B": (1536, 8960, 12, 30),
@@ -128,7 +128,7 @@ def torchao_model(net, granularity, regional):
     net = uncompiled_copy(net)
     g = PerRow() if granularity == "row" else PerTensor()
     quantize_(net, Float8DynamicActivationFloat8WeightConfig(granularity=g),
-              filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and matching_suffix(fqn, targets))
+              filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and first_match(fqn, targets))
     return compile_net(net, None, regional)
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 import fp8_fx
-from fp8_fx.qualname import matching_suffix
+from fp8_fx.targeting import first_match
 from fp8_fx.wan import _wan_class, cast_like_diffusers
 from scale_rounding import quantize, relative_error as rel, scales
 
@@ -55,7 +55,7 @@ def with_fp8_linears(net: nn.Module, granularity: str, bf16_rounded: bool) -> nn
     net = copy.deepcopy(net)
     targets = fp8_fx.FP8Config().targets
     for name, m in list(net.named_modules()):
-        if isinstance(m, nn.Linear) and matching_suffix(name, targets):
+        if isinstance(m, nn.Linear) and first_match(name, targets):
             parent, _, child = name.rpartition(".")
             setattr(net.get_submodule(parent), child, EmulatedFP8Linear(m, granularity, bf16_rounded))
     return net

@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fp8_fx import ops  # noqa: E402
-from fp8_fx import triton_quantize as tq  # noqa: E402
+from fp8_fx.kernels import triton_quantize as tq  # noqa: E402
 
 ROW_SIGNATURE = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "M": "i32", "K": "i32",
                  "ACT": "constexpr", "ROWS": "constexpr", "BLOCK_K": "constexpr", "FP8_MAX": "constexpr",

@@ -1,7 +1,11 @@
-"""The torch.compile backend: the FX pass, then Inductor.
+"""The torch.compile backend: the passes, then Inductor.
 
-    config -> rewrite_linears (decisions, rewritten graph) -> compile_fx (Inductor)
+    config -> passes (one decision per op, rewritten copy of the graph) -> compile_fx (Inductor)
            -> a callable that feeds cached FP8 weights to the compiled graph
+
+Inductor options come as config patches for this backend's graphs only: `mode` and
+`options` given to torch.compile, `inductor_config_patches` given here, and the
+`CacheKey` that makes Inductor's caches key on fp8_fx's code and config (passes/).
 """
 from __future__ import annotations
 
@@ -12,45 +16,60 @@ import torch
 import torch.fx
 from torch._inductor.compile_fx import compile_fx
 
+from . import targeting, weight_cache
 from .config import FP8Config
-from .report import Report
-from .rewrite import RewriteResult, rewrite_linears
-from .weights import QuantizedWeightCache
+from .passes import FP8Pass, cache_key_patch, run_passes
+from .passes.fx_utils import copy_dynamo_graph_module
+from .passes.linear import LinearPass
+from .report import GraphInfo, Report
 
 
 class FP8Backend:
-    """A torch.compile backend. After compiling: `.report` (one record per linear op),
-    `.graphs` (the rewritten FX GraphModules, before Inductor)."""
+    """A torch.compile backend. After compiling: `.report` (one record per linear op per
+    graph), `.graphs` (the rewritten FX GraphModules, before Inductor). Both grow with
+    every graph this backend compiles; `reset()` empties them."""
 
     def __init__(self, config: Optional[FP8Config] = None,
-                 inductor_config_patches: Optional[Dict[str, Any]] = None) -> None:
+                 inductor_config_patches: Optional[Dict[str, Any]] = None, name: str = "") -> None:
         self.config = config if config is not None else FP8Config()
         if not isinstance(self.config, FP8Config):
             raise TypeError(f"make_fp8_backend takes an FP8Config, got {type(config).__name__}")
         self.inductor_config_patches = dict(inductor_config_patches or {})
+        self.name = name
         self.report = Report()
         self.graphs: List[torch.fx.GraphModule] = []
-        self.weights = QuantizedWeightCache()
 
     def __repr__(self) -> str:
         c = self.config  # short: Dynamo prints this in every error message
-        return (f"FP8Backend(granularity={c.granularity!r}, fallback={c.fallback!r}, "
+        name = f"name={self.name!r}, " if self.name else ""
+        return (f"FP8Backend({name}granularity={c.granularity!r}, fallback={c.fallback!r}, "
                 f"{len(c.targets)} targets, {len(c.exclude)} excluded)")
 
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        result = rewrite_linears(gm, self.config)
-        self.report.add_graph(result.decisions)
-        gm = result.graph_module
+    def passes(self) -> List[FP8Pass]:
+        return [LinearPass(self.config)]
+
+    def reset(self) -> None:
+        """Forget the report and graphs of everything compiled so far (compiled code stays)."""
+        self.report.clear()
+        self.graphs.clear()
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
+                 mode: Optional[str] = None, options: Optional[Dict[str, Any]] = None) -> Callable:
+        patches = _inductor_patches(mode, options, self.inductor_config_patches)
+        passes = self.passes()
+        gm = copy_dynamo_graph_module(gm)  # Dynamo reads its own graph after we return
+        (linear,) = run_passes(passes, gm)
+        self.report.add_graph(_graph_info(gm, len(self.graphs), self.name), linear.decisions)
         self.graphs.append(gm)
-        self._warn_if_nothing_matched(result)
-        if result.converted and torch.is_grad_enabled():
+        self._check_entries(linear.decisions, _root(gm))
+        if any(d.converted for d in linear.decisions) and torch.is_grad_enabled():
             raise RuntimeError(
                 "fp8_fx is inference-only (its FP8 ops have no backward). Call the compiled "
                 "model under torch.no_grad() or torch.inference_mode().")
 
-        slots = result.weight_slots
-        _check_no_meta_weights(result, example_inputs)
-        example_fp8 = self.weights.quantized_inputs(example_inputs, slots)
+        slots = linear.weight_slots
+        _check_no_meta_weights(slots, example_inputs)
+        example_fp8 = weight_cache.quantized_inputs(example_inputs, slots)
         # Hand Inductor fake tensors with static shapes for the new inputs: fakified by
         # AOTAutograd they would get fresh symbolic sizes with no Dynamo source, and a
         # guard on one (e.g. _scaled_mm's K % 16 check) breaks Dynamo's guard building.
@@ -58,29 +77,83 @@ class FP8Backend:
         if fake_mode is not None:
             example_fp8 = [fake_mode.from_tensor(t, static_shapes=True) for t in example_fp8]
         compiled = compile_fx(gm, [*example_inputs, *example_fp8],
-                              config_patches=self.inductor_config_patches or None)
+                              config_patches=cache_key_patch(passes, patches))
         if not slots:
             return compiled
-        weights = self.weights
 
         def run_with_fp8_weights(*args):
             # Dynamo calls compiled graphs unboxed: compiled_fn(*args).
-            return compiled(*args, *weights.quantized_inputs(args, slots))
+            return compiled(*args, *weight_cache.quantized_inputs(args, slots))
 
         return run_with_fp8_weights
 
-    def _warn_if_nothing_matched(self, result: RewriteResult) -> None:
-        decisions = result.decisions
-        if decisions and not any(d.reason != "not targeted" for d in decisions):
+    def _check_entries(self, decisions, root: str) -> None:
+        """Targets and excludes that cannot apply to this graph are named, never ignored."""
+        config = self.config
+        qualnames = [d.qualname for d in decisions]
+        above = targeting.entries_above_root(qualnames, (*config.targets, *config.exclude))
+        if above:
+            raise ValueError(
+                f"fp8_fx: {above} name module paths above this graph's root ({root or 'no module'}: "
+                f"its paths look like {next(q for q in qualnames if q)!r}). Under regional "
+                "compilation (compile_repeated_blocks) one graph serves every block, so a per-block "
+                "entry cannot apply. Use an in-block entry ('ffn.net.2'), compile the whole model, "
+                "or convert_to_fp8(model, FP8Config(exclude=...)) before compiling: it sees full paths, "
+                "and the converted blocks get graphs of their own.")
+        if decisions and all(d.reason == "not targeted" for d in decisions):
             warnings.warn(
-                f"fp8_fx: none of the {len(decisions)} linear ops in this graph matched the "
-                f"targets {self.config.targets}; they stay in their original precision. "
+                f"fp8_fx: none of the {len(decisions)} linear ops in this graph ({root}) matched the "
+                f"targets {config.targets}; they stay in their original precision. "
                 "Check FP8Config.targets against backend.report (qualnames).",
-                stacklevel=2)
+                stacklevel=3)
+            return
+        for field in ("targets", "exclude"):
+            unmatched = targeting.unmatched_entries(qualnames, getattr(config, field))
+            if unmatched:
+                warnings.warn(
+                    f"fp8_fx: FP8Config.{field} entries {unmatched} matched no linear op in this graph "
+                    f"({root}); a typo? The graph's module paths are in backend.report.",
+                    stacklevel=3)
 
 
-def _check_no_meta_weights(result: RewriteResult, example_inputs: Sequence[Any]) -> None:
-    for slot in result.weight_slots:
+def _inductor_patches(mode: Optional[str], options: Optional[Dict[str, Any]],
+                      ours: Dict[str, Any]) -> Dict[str, Any]:
+    """torch.compile's `mode` and `options` as Inductor takes them, then this backend's."""
+    from torch._inductor import list_mode_options
+    patches: Dict[str, Any] = {}
+    if mode is not None:
+        modes = list_mode_options()
+        if mode not in modes:
+            raise ValueError(f"fp8_fx: unknown torch.compile mode {mode!r}; one of {sorted(modes)}")
+        patches.update(list_mode_options(mode))
+    patches.update(options or {})
+    patches.update(ours)
+    return patches
+
+
+def _root(gm: torch.fx.GraphModule) -> str:
+    """The class of the module Dynamo traced (the model, or a block under regional
+    compilation), or the traced function's name. Dynamo's tracer is private API: on a
+    torch where it moved this says "" rather than fail a compile."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        tx = InstructionTranslator.current_tx()
+        self_value = tx.f_locals.get("self")
+        if isinstance(self_value, torch.nn.Module):
+            return type(self_value).__name__
+        return tx.f_code.co_name
+    except Exception:  # noqa: BLE001 - a label only
+        return ""
+
+
+def _graph_info(gm: torch.fx.GraphModule, index: int, name: str) -> GraphInfo:
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    return GraphInfo(index=index, compile_id=str(compile_id) if compile_id is not None else "-",
+                     root=_root(gm), model=name)
+
+
+def _check_no_meta_weights(slots, example_inputs: Sequence[Any]) -> None:
+    for slot in slots:
         if example_inputs[slot.input_index].device.type == "meta":
             raise ValueError(
                 "fp8_fx: a targeted weight is on the meta device, so there is nothing to "
@@ -89,11 +162,15 @@ def _check_no_meta_weights(result: RewriteResult, example_inputs: Sequence[Any])
 
 
 def make_fp8_backend(config: Optional[FP8Config] = None,
-                     inductor_config_patches: Optional[Dict[str, Any]] = None) -> FP8Backend:
+                     inductor_config_patches: Optional[Dict[str, Any]] = None,
+                     name: str = "") -> FP8Backend:
     """A backend for torch.compile(model, backend=...). `inductor_config_patches` are
-    passed to Inductor for this backend's graphs only (global config is left alone)."""
-    return FP8Backend(config, inductor_config_patches)
+    passed to Inductor for this backend's graphs only (global config is left alone).
+    `name` labels this backend's graphs in its report (e.g. "transformer_2")."""
+    return FP8Backend(config, inductor_config_patches, name)
 
 
-# The default-config backend; also registered as torch.compile(backend="fp8_fx").
+# The default-config backend; also registered as torch.compile(backend="fp8_fx"). Shared by
+# everything compiled with it: its report and graphs keep growing (reset() empties them);
+# make a backend of your own for a report of one model.
 fp8_backend = make_fp8_backend()

@@ -25,13 +25,12 @@ import torch.nn as nn
 
 from . import ops
 from .config import FP8Config
-from .fp8_weights import FP8Linear
-from .qualname import matching_suffix
+from .modules import FP8Linear
+from .targeting import why_not_targeted
 
 
 def _targeted(name: str, module: nn.Module, config: FP8Config) -> bool:
-    return (isinstance(module, (nn.Linear, FP8Linear)) and matching_suffix(name, config.targets) is not None
-            and matching_suffix(name, config.exclude) is None)
+    return isinstance(module, (nn.Linear, FP8Linear)) and why_not_targeted(name, config) is None
 
 
 def calibrate_input_amax(model: nn.Module, run: Callable[[], Any],

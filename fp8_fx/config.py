@@ -48,8 +48,9 @@ class FP8Config:
 
     granularity: "tensor" (one dynamic scale per activation tensor and per weight)
         or "row" (one scale per token x one scale per output channel).
-    targets: module-path suffixes to convert (whole dotted components).
-    exclude: suffixes never converted, even when a target matches.
+    targets: module paths to convert: suffixes of whole dotted components, or glob
+        patterns (`*`, `?`, `[`) over the path or any dotted tail of it (targeting.py).
+    exclude: entries of the same kinds never converted; exclude wins over targets.
     fallback: what a targeted layer becomes where FP8 tensor cores are missing:
         "weight_only" keeps FP8 weights and multiplies in the activation dtype;
         "emulate" reproduces the FP8 path's numerics in fp32 on any device.
@@ -79,12 +80,13 @@ class FP8Config:
             value = getattr(self, field)
             if isinstance(value, str):
                 raise TypeError(
-                    f"FP8Config.{field} must be a sequence of suffixes, not one string "
+                    f"FP8Config.{field} must be a sequence of entries, not one string "
                     f"(write ({value!r},) for a single suffix)")
             suffixes = tuple(value)
             bad = [s for s in suffixes if not isinstance(s, str) or not s or s.startswith(".")
                    or s.endswith(".")]
             if bad:
-                raise ValueError(f"FP8Config.{field} has invalid suffixes {bad}: use dotted "
-                                 "module-path endings such as 'attn1.to_q'")
+                raise ValueError(f"FP8Config.{field} has invalid entries {bad}: use dotted "
+                                 "module-path endings such as 'attn1.to_q', or glob patterns such as "
+                                 "'attn?.to_out.0'")
             object.__setattr__(self, field, suffixes)

@@ -11,7 +11,7 @@ import torch
 from .config import FP8Config
 from .qualname import node_qualname
 from .report import format_table
-from .rewrite import rewrite_linears
+from .passes.linear import rewrite_linears
 from .wan import TEXT_TOKENS, WAN_CONFIGS, CheckpointError, build_wan, load_wan
 
 

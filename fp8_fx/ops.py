@@ -132,18 +132,35 @@ _define("scaled_mm(Tensor xq, Tensor x_scale, Tensor wq, Tensor w_scale, Tensor?
         _scaled_mm, "CompositeImplicitAutograd")
 
 
+def round_to_bf16(y: torch.Tensor) -> torch.Tensor:
+    """fp32 y rounded to the nearest bf16 value (ties to even), kept in fp32, with integer
+    ops. Inductor drops a `.to(bf16).float()` round trip inside a kernel (it keeps fp32
+    unless emulate_precision_casts), so a rounding that must happen is written as bits."""
+    bits = y.contiguous().view(torch.int32)
+    lsb = (bits >> 16) & 1
+    rounded = ((bits + 0x7FFF + lsb) & -65536).view(torch.float32)  # -65536 == 0xFFFF0000
+    return torch.where(torch.isnan(y), y, rounded)  # NaN payloads could carry into the sign
+
+
 def _emulated_scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor,
                         w_scale: torch.Tensor, bias: Optional[torch.Tensor],
                         out_dtype: torch.dtype) -> torch.Tensor:
     """scaled_mm's numerics in fp32 on any device: fp8 x fp8 products are exact in fp32,
     sums accumulate in fp32, scales apply after the sum, then the same epilogue
-    (bias, rounding to the GEMM's output dtype) as on FP8 tensor cores."""
+    (bias, rounding to the GEMM's output dtype) as on FP8 tensor cores. A row-wise GEMM
+    writes bf16 whatever the model's dtype: that rounding is done explicitly
+    (round_to_bf16) so compiled and eager emulation agree for fp16/fp32 models too."""
     out_shape = (*xq.shape[:-1], wq.shape[0])
     xq2d, scale_a, scale_b = _as_2d(xq, x_scale, w_scale)
     mm_dtype = _mm_dtype(x_scale, w_scale, out_dtype)
     y = (xq2d.float() @ wq.float().t()) * (scale_a * scale_b)
     if _fusable_bias(bias, mm_dtype):
         y = y + bias.float()
+    if mm_dtype == torch.bfloat16 and out_dtype != torch.bfloat16:
+        y = round_to_bf16(y)  # the GEMM's own output rounding, which Inductor would elide
+        if bias is not None and not _fusable_bias(bias, mm_dtype):
+            y = round_to_bf16(y + bias.float())
+        return y.to(out_dtype).reshape(out_shape)
     return _finish(y.to(mm_dtype), bias, mm_dtype, out_dtype, out_shape)
 
 

@@ -1,8 +1,8 @@
-"""Module paths as Dynamo records them, normalized, and suffix matching."""
+"""Module paths as Dynamo records them, normalized (matching them is targeting.py's)."""
 from __future__ import annotations
 
 import re
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch.fx
 
@@ -38,11 +38,3 @@ def node_qualname(node: torch.fx.Node) -> Optional[str]:
         return None
     path, _module_type = list(stack.values())[-1]
     return normalize_qualname(path)
-
-
-def matching_suffix(qualname: str, suffixes: Iterable[str]) -> Optional[str]:
-    """First suffix equal to the last whole dotted components of `qualname`."""
-    for suffix in suffixes:
-        if qualname == suffix or qualname.endswith("." + suffix):
-            return suffix
-    return None

@@ -1,10 +1,29 @@
-"""One record per linear op the backend saw, and the table users read."""
+"""One record per linear op per compiled graph, and the table users read.
+
+Records are never merged across graphs: under regional compilation of a model with two
+kinds of blocks, or with two models on one backend (Wan 2.2's experts), graphs hold
+different layers under the same names. Each record says which graph it belongs to: the
+backend's running graph number, Dynamo's compile id, the class Dynamo traced (the model,
+or the block under regional compilation) and the backend's `name`.
+"""
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, List, Literal
+from typing import Iterator, List, Literal, Optional
 
 Action = Literal["scaled_mm", "weight_only", "emulate", "skipped"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphInfo:
+    index: int  # the backend's n-th graph, from 0
+    compile_id: str  # Dynamo's, e.g. "0/1" (frame 0, its second compile: a recompile)
+    root: str  # the module class Dynamo traced ("" if none)
+    model: str = ""  # the backend's name, if given (make_fp8_backend(name=...))
+
+    def __str__(self) -> str:
+        name = f"{self.model}: " if self.model else ""
+        return f"graph {self.index} ({name}{self.root or 'no module'}, compile {self.compile_id})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -14,6 +33,7 @@ class LinearDecision:
     reason: str
     in_features: int
     out_features: int
+    graph: Optional[GraphInfo] = None  # None for records made outside a backend (convert_to_fp8)
 
     @property
     def converted(self) -> bool:
@@ -24,22 +44,26 @@ class Report:
     """The decisions of every graph compiled by one backend, in graph order."""
 
     def __init__(self) -> None:
+        self._infos: List[GraphInfo] = []
         self._graphs: List[List[LinearDecision]] = []
 
-    def add_graph(self, decisions: List[LinearDecision]) -> None:
-        self._graphs.append(list(decisions))
+    def add_graph(self, info: GraphInfo, decisions: List[LinearDecision]) -> None:
+        self._infos.append(info)
+        self._graphs.append([dataclasses.replace(d, graph=info) for d in decisions])
+
+    def clear(self) -> None:
+        self._infos.clear()
+        self._graphs.clear()
+
+    @property
+    def graphs(self) -> List[List[LinearDecision]]:
+        """The records of each graph, one list per graph in compile order."""
+        return [list(g) for g in self._graphs]
 
     @property
     def records(self) -> List[LinearDecision]:
-        """One record per linear op. A recompiled graph (new shapes, a second model
-        instance) repeats its linears; keep the latest record of each (qualname, n-th call)."""
-        latest = {}
-        for decisions in self._graphs:
-            seen: dict = {}
-            for d in decisions:
-                nth = seen[d.qualname] = seen.get(d.qualname, -1) + 1
-                latest[(d.qualname, nth)] = d
-        return list(latest.values())
+        """One record per linear op per graph (a recompile is a graph of its own)."""
+        return [d for g in self._graphs for d in g]
 
     def __iter__(self) -> Iterator[LinearDecision]:
         return iter(self.records)
@@ -54,10 +78,13 @@ class Report:
         return [d for d in self.records if d.action == action]
 
     def __str__(self) -> str:
-        return format_table(self.records)
+        if len(self._graphs) == 1:
+            return format_table(self._graphs[0])
+        return "\n\n".join(f"{info}:\n{format_table(g)}" for info, g in zip(self._infos, self._graphs)
+                           ) or format_table([])
 
     def __repr__(self) -> str:
-        return f"<fp8_fx Report: {len(self)} linears>\n{self}"
+        return f"<fp8_fx Report: {len(self)} linears in {len(self._graphs)} graphs>\n{self}"
 
 
 def format_table(decisions: List[LinearDecision]) -> str:

@@ -104,7 +104,8 @@ def load_wan(path, dtype: torch.dtype = torch.bfloat16, device="cpu", fp8=None) 
     fp8: True or an FP8Config to load to the CPU and convert the targeted weights to FP8 on
     the way to `device`, one layer at a time (the full bf16 model never sits on `device`).
     Tensors left on the CPU get memory of their own (see own_aligned_cpu_memory)."""
-    from .fp8_weights import convert_to_fp8, own_aligned_cpu_memory
+    from .checkpoints import own_aligned_cpu_memory
+    from .modules import convert_to_fp8
     if fp8:
         from .config import FP8Config
         model = _load_wan(Path(path), dtype, "cpu")
@@ -173,7 +174,7 @@ def load_wan_fp8(path, device="cpu") -> torch.nn.Module:
     """An FP8 Wan checkpoint: one saved by fp8_fx.save_fp8_checkpoint, or a pre-quantized
     file from other tools (e4m3fn weights + per-tensor `scale_weight`, diffusers or original
     Wan2.1 names). FP8 weights and scales load bit-exactly; the rest keeps its dtype."""
-    from .fp8_weights import FP8CheckpointError, _read, load_fp8_checkpoint_state
+    from .checkpoints import FP8CheckpointError, _read, load_fp8_checkpoint_state
     state, metadata = _read(path)
     state = {k.removeprefix("model.diffusion_model."): v for k, v in state.items()}
     if "diffusers_config" in metadata:  # ours: the skeleton comes from the recorded config

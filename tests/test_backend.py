@@ -3,6 +3,7 @@ of the recipe, the decisions it records, and every bad input the README promises
 
 import pytest
 import torch
+from fp8_fx.weight_cache import fp8_copies
 import torch.nn as nn
 
 import fp8_fx
@@ -89,7 +90,12 @@ def test_wan_like_model_matches_reference_model(scheme, granularity):
     hooks = []
     for name in converted:
         def hook(mod, args, out):
-            return reference_fp8_linear(args[0], mod.weight, mod.bias, granularity).to(out.dtype)
+            if granularity == "tensor":
+                return reference_fp8_linear(args[0], mod.weight, mod.bias, granularity).to(out.dtype)
+            # A row-wise scaled GEMM writes bf16 whatever the model's dtype, and an fp32 bias
+            # is added to that bf16 output, rounded to bf16 again (ops.py).
+            y = reference_fp8_linear(args[0], mod.weight, None, granularity).to(torch.bfloat16)
+            return (y.double() + mod.bias.double()).to(torch.bfloat16).to(out.dtype)
         hooks.append(model.get_submodule(name).register_forward_hook(hook))
     with torch.no_grad():
         ref = model(x, ctx)
@@ -98,7 +104,7 @@ def test_wan_like_model_matches_reference_model(scheme, granularity):
     with torch.no_grad():
         unquantized = model(x, ctx)
     # fp32 model: tensor-wise GEMMs round to fp32, row-wise ones to bf16 (see ops.py).
-    assert rel_err(y, ref) < (1e-4 if granularity == "tensor" else 1e-2)
+    assert rel_err(y, ref) < (1e-4 if granularity == "tensor" else 2e-3)
     assert rel_err(y, unquantized) > 3 * rel_err(y, ref)
 
 
@@ -214,7 +220,10 @@ def test_all_zero_activation_gives_bias_not_nan(granularity):
     model = OneLinear().eval()
     cfg = FP8Config(targets=("attn1.to_q",), granularity=granularity, fallback="emulate")
     y, _, _ = run(model, torch.zeros(3, 64), config=cfg)
-    assert torch.equal(y, model.attn1.to_q.bias.detach().expand(3, -1))
+    bias = model.attn1.to_q.bias.detach()
+    if granularity == "row":  # a row-wise GEMM writes bf16: the fp32 bias comes out rounded
+        bias = bias.to(torch.bfloat16).float()
+    assert torch.equal(y, bias.expand(3, -1))
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "row"])
@@ -306,7 +315,7 @@ def test_weights_changed_in_place_are_requantized_once():
         y_again = compiled(x)
     assert rel_err(y, reference_fp8_linear(x, lin.weight, lin.bias, "tensor")) < 1e-6
     assert torch.equal(y, y_again)
-    assert len(backend.weights) == 1
+    assert fp8_copies(model) == 1
 
 
 def test_changing_sequence_length_compiles_at_most_twice():
@@ -319,7 +328,8 @@ def test_changing_sequence_length_compiles_at_most_twice():
             y = compiled(torch.randn(1, length, 16), ctx)
             assert y.shape == (1, length, 16)
     assert len(backend.graphs) == 2  # static first, then one dynamic graph for all lengths
-    assert len(backend.report) == 13  # one record per linear, not per compile
+    assert [len(g) for g in backend.report.graphs] == [13, 13]  # one record per linear per graph
+    assert [d.graph.index for d in backend.report] == [0] * 13 + [1] * 13
 
 
 def test_backend_by_name():
@@ -367,7 +377,7 @@ def _quantize_calls(gm):
 
 def test_inputs_out_of_library_kernels_get_triton_quantize():
     from fp8_fx.inspect_graph import capture_graph
-    from fp8_fx.rewrite import rewrite_linears
+    from fp8_fx.passes.linear import rewrite_linears
     from wan_like import WanLikeBlock
     block = WanLikeBlock("diffusers", dim=32, ffn_dim=64, heads=2).eval()
     gm = capture_graph(block, torch.randn(1, 8, 32), torch.randn(1, 4, 32))

@@ -31,10 +31,28 @@ def test_quantize_matches_reference(granularity, shape):
     assert (xq.double() * scale.double() - x.double()).abs().max() > 1e-3
 
 
-def test_quantize_all_zero_uses_minimum_scale_not_nan():
-    xq, scale = ops.quantize(torch.zeros(4, 32), "tensor")
-    assert scale.item() == pytest.approx(ops.MIN_SCALE)
+# The recipe's constants, written out (not read from the library under test).
+RECIPE_MIN_SCALE = 1.0 / (448.0 * 512.0)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+def test_quantize_all_zero_uses_minimum_scale_not_nan(granularity):
+    xq, scale = ops.quantize(torch.zeros(4, 32), granularity)
+    assert torch.all(scale == torch.tensor(RECIPE_MIN_SCALE, dtype=torch.float32))
     assert torch.equal(xq.float(), torch.zeros(4, 32))
+
+
+def test_minimum_scale_is_where_the_recipe_puts_it():
+    # amax / 448 between 1/(448*512) and 1/(448*256): above the floor, so not clamped;
+    # a tenth of that is below the floor, so clamped to exactly 1/(448*512).
+    torch.manual_seed(0)
+    x = torch.rand(4, 32) / 300.0
+    x[0, 0] = 1.0 / 300.0
+    _, scale = ops.quantize(x, "tensor")
+    amax = torch.tensor(1.0 / 300.0, dtype=torch.float32).double()
+    assert scale.item() == (amax / 448.0).float().item()
+    _, scale = ops.quantize(x / 10, "tensor")
+    assert scale.item() == torch.tensor(RECIPE_MIN_SCALE, dtype=torch.float32).item()
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "row"])

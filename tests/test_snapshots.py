@@ -176,7 +176,7 @@ class TestWanSnapshot(expecttest.TestCase):
         import pytest
         pytest.importorskip("diffusers")
         from fp8_fx.inspect_graph import capture_graph
-        from fp8_fx.rewrite import rewrite_linears
+        from fp8_fx.passes.linear import rewrite_linears
         from fp8_fx.report import format_table
         from fp8_fx.wan import build_wan
         model = build_wan("tiny")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from fp8_fx import (FP8Config, FP8Linear, calibrate_input_amax, convert_to_fp8, make_fp8_backend,
                     set_input_scales)
 from fp8_fx.inspect_graph import capture_graph
-from fp8_fx.rewrite import rewrite_linears
+from fp8_fx.passes.linear import rewrite_linears
 from reference import output_tolerance, reference_static_fp8_linear, rel_err
 
 EMULATE = FP8Config(fallback="emulate")

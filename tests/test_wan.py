@@ -10,7 +10,7 @@ pytest.importorskip("diffusers")
 from fp8_fx import FP8Config, make_fp8_backend  # noqa: E402
 from fp8_fx.demo import denoise, main as demo_main  # noqa: E402
 from fp8_fx.inspect_graph import capture_graph, main as inspect_main  # noqa: E402
-from fp8_fx.rewrite import rewrite_linears  # noqa: E402
+from fp8_fx.passes.linear import rewrite_linears  # noqa: E402
 from fp8_fx.wan import CheckpointError, build_wan, load_wan  # noqa: E402
 from reference import rel_err  # noqa: E402
 from wan_checkpoints import save_diffusers_file, save_original_wan_file  # noqa: E402

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from fp8_fx.weight_cache import fp8_copies
 
 pytest.importorskip("diffusers")
 
@@ -58,7 +59,7 @@ def test_converted_eager_model_still_runs_and_matches_the_backend():
     assert torch.equal(at_rest, via_cache)  # same quantization, same recipe, same output
     reasons = {d.reason for d in backend.report if d.converted}
     assert reasons == {"FP8 weights at rest (tensor); no FP8 tensor cores on cpu: fallback='emulate'"}
-    assert len(backend.weights) == 0  # nothing quantized at run time: no second copy
+    assert fp8_copies(model) == 0  # nothing quantized at run time: no second copy
 
 
 def test_weight_only_fallback_keeps_fp8_storage_after_compile():
@@ -72,7 +73,7 @@ def test_weight_only_fallback_keeps_fp8_storage_after_compile():
     calls = [n for n in graph.nodes if n.target is torch.ops.fp8_fx.weight_only_linear.default]
     assert len(calls) == 20
     assert all(n.args[1].meta["example_value"].dtype == torch.float8_e4m3fn for n in calls)
-    assert len(backend.weights) == 0 and torch.isfinite(y).all()
+    assert fp8_copies(model) == 0 and torch.isfinite(y).all()
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "row"])

@@ -1,128 +1,23 @@
-"""FP8 weights at rest: convert a model's targeted linears to FP8 storage, on the way to
-the GPU, and save / load FP8 safetensors checkpoints.
+"""FP8 checkpoints: save an FP8 model to one safetensors file and load it back bit-exactly;
+read the pre-quantized formats of other tools (ComfyUI-style per-tensor `scale_weight`).
 
-    model = WanTransformer3DModel.from_pretrained(path, torch_dtype=torch.bfloat16)  # on CPU
-    fp8_fx.convert_to_fp8(model, device="cuda")   # one bf16 layer on the GPU at a time
-    compiled = torch.compile(model, backend=fp8_fx.fp8_backend)
-
-A converted layer is an `FP8Linear`: FP8 `weight`, fp32 `weight_scale`, bias as it was,
-and optionally a calibrated static `input_scale` (calibrate.py).
-Eagerly it runs the weight-only op, so the module still works without compiling; the
-backend's pass turns it into an FP8 GEMM (or keeps it weight-only) with no bf16 copy.
+    fp8_fx.save_fp8_checkpoint(model, "wan_fp8.safetensors")
+    model = fp8_fx.load_fp8_checkpoint("wan_fp8.safetensors", model=skeleton)
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn as nn
 
 from . import ops
-from .config import FP8Config
-from .qualname import matching_suffix
-from .report import LinearDecision
+from .modules import FP8Linear, set_submodule
 
 FORMAT = "fp8_fx/1"
 
-
-class FP8Linear(nn.Module):
-    """A linear layer whose weight is stored in float8_e4m3fn with an fp32 scale."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, granularity: str,
-                 device=None, bias_dtype: torch.dtype = torch.bfloat16):
-        super().__init__()
-        self.in_features, self.out_features, self.granularity = in_features, out_features, granularity
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=ops.FP8_DTYPE, device=device),
-                                   requires_grad=False)
-        scale_shape = (out_features, 1) if granularity == "row" else ()
-        self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
-        self.bias = (nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device), requires_grad=False)
-                     if bias else None)
-        # A calibrated fp32 scale for the input (fp8_fx.set_input_scales); None: dynamic.
-        self.register_buffer("input_scale", None)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, granularity: str, device=None) -> "FP8Linear":
-        """Quantize `linear` (its weight moved to `device` first: one bf16 layer there at a time)."""
-        fp8 = cls(linear.in_features, linear.out_features, linear.bias is not None, granularity,
-                  device="meta")
-        wq, scale = ops.quantize_weight(linear.weight.detach().to(device), granularity)
-        fp8.weight = nn.Parameter(wq, requires_grad=False)
-        fp8.weight_scale = scale
-        if linear.bias is not None:
-            fp8.bias = nn.Parameter(linear.bias.detach().to(device), requires_grad=False)
-        return fp8
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_scale is None:
-            return ops.weight_only_linear(x, self.weight, self.weight_scale, self.bias)
-        return ops.weight_only_linear(x, self.weight, self.weight_scale, self.bias, self.input_scale)
-
-    def extra_repr(self) -> str:
-        static = ", static input scale" if self.input_scale is not None else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, granularity={self.granularity!r}{static}")
-
-
-def _convertible(name: str, module: nn.Module, config: FP8Config) -> Optional[str]:
-    """None if `module` should become FP8, else why not."""
-    if not isinstance(module, nn.Linear):
-        return "not an nn.Linear"
-    if matching_suffix(name, config.exclude):
-        return "excluded"
-    if not matching_suffix(name, config.targets):
-        return "not targeted"
-    if module.in_features % 16 or module.out_features % 16:
-        return "in/out features not a multiple of 16"
-    if module.weight.device.type == "meta":
-        raise ValueError(f"{name}.weight is on the meta device: load real weights before convert_to_fp8")
-    return None
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
-
-
-def convert_to_fp8(model: nn.Module, config: Optional[FP8Config] = None,
-                   device: Union[str, torch.device, None] = None) -> List[LinearDecision]:
-    """Replace the targeted nn.Linear layers of `model` by FP8Linear, in place.
-
-    With `device`, each targeted weight is moved there and quantized one layer at a time,
-    then the rest of the model follows: the full bf16 model never sits on `device`.
-    Returns one record per nn.Linear (converted or why not)."""
-    config = config or FP8Config()
-    decisions = []
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear):
-            continue
-        why_not = _convertible(name, module, config)
-        if why_not is None:
-            with torch.no_grad():
-                _set_submodule(model, name, FP8Linear.from_linear(module, config.granularity, device))
-        decisions.append(LinearDecision(name, "skipped" if why_not else "weight_only",
-                                        why_not or f"FP8 weights at rest ({config.granularity})",
-                                        module.in_features, module.out_features))
-    if device is not None:
-        model.to(device)
-    return decisions
-
-
-def fp8_weight_bytes(model: nn.Module) -> Dict[str, int]:
-    """Bytes of FP8 weights + scales, and of everything else, in `model`."""
-    fp8 = rest = 0
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        nbytes = t.numel() * t.element_size()
-        if t.dtype == ops.FP8_DTYPE or name.endswith("weight_scale"):
-            fp8 += nbytes
-        else:
-            rest += nbytes
-    return {"fp8": fp8, "rest": rest}
-
-
-# ---- checkpoints -------------------------------------------------------------------------
 
 def save_fp8_checkpoint(model: nn.Module, path: Union[str, Path]) -> None:
     """One safetensors file: FP8 weights, fp32 scales, the rest as it is, and metadata
@@ -137,6 +32,10 @@ def save_fp8_checkpoint(model: nn.Module, path: Union[str, Path]) -> None:
     if config is not None and hasattr(model, "save_config"):
         metadata["diffusers_class"] = type(model).__name__
         metadata["diffusers_config"] = json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")})
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"save_fp8_checkpoint: the folder {folder} does not exist; create it first "
+                                f"(Path({str(folder)!r}).mkdir(parents=True))")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata=metadata)
 
@@ -149,6 +48,10 @@ def _read(path: Union[str, Path]):
     from safetensors import safe_open
     from safetensors.torch import load_file
     path = Path(path)
+    if path.is_dir():
+        raise FP8CheckpointError(
+            f"{path} is a folder; an FP8 checkpoint is one .safetensors file (save_fp8_checkpoint's). "
+            "For a bf16 diffusers folder use fp8_fx.wan.load_wan(path, fp8=True).")
     if not path.is_file():
         raise FP8CheckpointError(f"FP8 checkpoint not found: {path}")
     try:
@@ -202,7 +105,7 @@ def _fp8_modules_of(state: dict, metadata: dict, path) -> Dict[str, str]:
             f"{path}: {len(fp8_keys)} FP8 tensors (e.g. {fp8_keys[0]}) but no scales in a format fp8_fx "
             "knows (fp8_fx metadata, or per-tensor `.scale_weight` entries). Refusing to guess: a cast "
             "without the right scales gives silently wrong weights.")
-    raise FP8CheckpointError(f"{path} has no FP8 weights: load it as a bf16 checkpoint (fp8_fx.load_wan) "
+    raise FP8CheckpointError(f"{path} has no FP8 weights: load it as a bf16 checkpoint (fp8_fx.wan.load_wan) "
                              "and call convert_to_fp8")
 
 
@@ -248,7 +151,7 @@ def load_fp8_checkpoint_state(state: dict, metadata: dict, model: Optional[nn.Mo
             bias = state.get(f"{name}.bias")
             old = FP8Linear(w.shape[1], w.shape[0], bias is not None, fp8_modules[name], device="meta",
                             bias_dtype=bias.dtype if bias is not None else torch.bfloat16)
-            _set_submodule(model, name, old)
+            set_submodule(model, name, old)
         if f"{name}.input_scale" in state and old.input_scale is None:  # saved after calibration
             old.input_scale = torch.empty((), dtype=torch.float32, device="meta")
     _check(state, fp8_modules, path)

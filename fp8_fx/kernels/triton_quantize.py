@@ -41,7 +41,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from .. import ops
 
 _ACT_ID = {"none": 0, "gelu_tanh": 1, "gelu": 2}  # the kernels' ACT constexpr
 ACTIVATIONS = tuple(_ACT_ID)

@@ -1,0 +1,1 @@
+"""Hand-written kernels behind fp8_fx ops (Triton)."""
