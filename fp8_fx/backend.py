@@ -98,8 +98,8 @@ class FP8Backend:
                 f"its paths look like {next(q for q in qualnames if q)!r}). Under regional "
                 "compilation (compile_repeated_blocks) one graph serves every block, so a per-block "
                 "entry cannot apply. Use an in-block entry ('ffn.net.2'), compile the whole model, "
-                "or convert_to_fp8(model, FP8Config(exclude=...)) before compiling: it sees full paths, "
-                "and the converted blocks get graphs of their own.")
+                "or convert_to_fp8(model, FP8Config(exclude=...)) before compiling (it sees full paths) and "
+                "compile with FP8Config(targets=()), so that only the converted layers run in FP8.")
         if decisions and all(d.reason == "not targeted" for d in decisions):
             warnings.warn(
                 f"fp8_fx: none of the {len(decisions)} linear ops in this graph ({root}) matched the "

@@ -59,6 +59,47 @@ def test_emulate_equals_fp64_reference_of_recipe(granularity, dtype):
     assert rel_err(y, exact(model, x)) < 0.1
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_row_emulation_rounds_like_the_gpu_gemm_compiled_or_not(dtype):
+    """A row-wise scaled GEMM writes bf16 whatever the model's dtype; the bias (of the
+    model's dtype) is then added and rounded to bf16 again. Inductor would drop those
+    roundings inside a kernel: compiled emulation must keep them, as eager does."""
+    torch.manual_seed(0)
+    model = OneLinear(dtype=dtype).eval()
+    x = torch.randn(2, 24, 64, dtype=dtype) * 2
+    cfg = FP8Config(targets=("attn1.to_q",), granularity="row", fallback="emulate")
+    y, _, _ = run(model, x, config=cfg)
+    lin = model.attn1.to_q
+    gemm = reference_fp8_linear(x, lin.weight, None, "row").to(torch.bfloat16).double()
+    ref = (gemm + lin.bias.double()).to(torch.bfloat16).to(dtype)
+    assert rel_err(y, ref) < 2e-4  # a few values one bf16 step apart: fp32 vs fp64 sums near ties
+    assert rel_err(y, reference_fp8_linear(x, lin.weight, lin.bias, "row")) > 5e-4  # bf16 is visible
+    # And compiled emulation is eager emulation (it was 2.5e-3 apart when Inductor elided them).
+    xq, xs = fp8_fx.ops.quantize(x, "row")
+    wq, ws = fp8_fx.ops.quantize_weight(lin.weight.detach(), "row")
+    eager = torch.ops.fp8_fx.emulated_scaled_mm(xq, xs, wq, ws, lin.bias.detach(), dtype)
+    assert rel_err(y, eager) < 1e-6
+
+
+@pytest.mark.parametrize("granularity, coupled", [("tensor", True), ("row", False)])
+def test_batch_coupling_of_the_scales(granularity, coupled):
+    """CFG in one batch (cond + uncond): with one tensor-wise scale per activation the
+    cond sample's output depends on the other sample (documented); row-wise scales are
+    per token, so each sample's output is its own."""
+    torch.manual_seed(0)
+    model = OneLinear().eval()
+    cond, uncond = torch.randn(1, 24, 64), torch.randn(1, 24, 64) * 8  # the larger amax sets the scale
+    cfg = FP8Config(targets=("attn1.to_q",), granularity=granularity, fallback="emulate")
+    alone, _, _ = run(model, cond, config=cfg)
+    torch._dynamo.reset()
+    batched, _, _ = run(model, torch.cat([cond, uncond]), config=cfg)
+    difference = rel_err(batched[:1], alone)
+    if coupled:
+        assert 1e-3 < difference < 0.1  # of the order of the FP8 error itself
+    else:
+        assert difference < 1e-6
+
+
 @pytest.mark.parametrize("granularity", ["tensor", "row"])
 def test_weight_only_equals_reference(granularity):
     model = OneLinear(dtype=torch.float32).eval()
