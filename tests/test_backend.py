@@ -3,11 +3,11 @@ of the recipe, the decisions it records, and every bad input the README promises
 
 import pytest
 import torch
-from fp8_fx.weight_cache import fp8_copies
 import torch.nn as nn
 
 import fp8_fx
 from fp8_fx import FP8Config, make_fp8_backend
+from fp8_fx.weight_cache import fp8_copies
 from reference import (output_tolerance, reference_fp8_linear, reference_weight_only_linear,
                        rel_err)
 from wan_like import WanLikeModel, targeted_qualnames

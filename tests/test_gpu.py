@@ -2,9 +2,9 @@
 and the whole backend. Skipped elsewhere; run with `pytest -m gpu` on the GPU."""
 import pytest
 import torch
-from fp8_fx.weight_cache import fp8_copies
 
 from fp8_fx import FP8Config, make_fp8_backend, ops
+from fp8_fx.weight_cache import fp8_copies
 from reference import reference_fp8_linear, rel_err
 from wan_like import WanLikeModel, targeted_qualnames
 
@@ -370,3 +370,56 @@ def test_static_input_scales_on_tensor_cores_match_the_float64_recipe():
     code = "\n".join(str(g.code) for g in backend.graphs)
     assert "quantize_static" in code and "triton_quantize" not in code
     assert rel_err(y, ref) < 3e-2  # as test_backend_on_wan_like_model: bf16 rounding between layers
+
+
+# ---- torch.compile modes, CUDA graphs, weights that change, non-finite weights --------
+
+class _OneLinear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn1 = torch.nn.Module()
+        self.attn1.to_q = torch.nn.Linear(512, 384)
+
+    def forward(self, x):
+        return self.attn1.to_q(x)
+
+
+def _check_one_linear(model, x, y, granularity="tensor"):
+    lin = model.attn1.to_q
+    ref = reference_fp8_linear(x.cpu(), lin.weight.cpu(), lin.bias.cpu(), granularity)
+    assert rel_err(y, ref.to(CUDA)) < 1e-2
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"])
+def test_modes_run_scaled_mm_and_follow_new_weights(mode):
+    """CUDA graphs (reduce-overhead, max-autotune) replay with the FP8 weights as static
+    inputs; a new state dict is quantized anew and the graphs answer for it."""
+    torch.manual_seed(0)
+    model = _OneLinear().to(CUDA, torch.bfloat16).eval()
+    backend = make_fp8_backend(FP8Config(targets=("attn1.to_q",)))
+    compiled = torch.compile(model, backend=backend, mode=mode)
+    with torch.no_grad():
+        for _ in range(3):  # warm-up, record, replay
+            x = torch.randn(64, 512, device=CUDA, dtype=torch.bfloat16)
+            y = compiled(x).clone()
+            _check_one_linear(model, x, y)
+        assert [d.action for d in backend.report.graphs[0]] == ["scaled_mm"]
+        model.load_state_dict({k: torch.randn_like(v) / 20 for k, v in model.state_dict().items()})
+        for _ in range(2):
+            x = torch.randn(64, 512, device=CUDA, dtype=torch.bfloat16)
+            y = compiled(x).clone()
+            _check_one_linear(model, x, y)
+
+
+def test_a_non_finite_weight_warns_once_on_the_gpu():
+    model = _OneLinear().to(CUDA, torch.bfloat16).eval()
+    with torch.no_grad():
+        model.attn1.to_q.weight[3, 7] = float("nan")
+    compiled = torch.compile(model, backend=make_fp8_backend(FP8Config(targets=("attn1.to_q",))))
+    x = torch.randn(8, 512, device=CUDA, dtype=torch.bfloat16)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="attn1.to_q"):
+        compiled(x)
+    import warnings
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compiled(x)  # same weights: no second warning

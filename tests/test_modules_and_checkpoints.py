@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
-from fp8_fx.weight_cache import fp8_copies
 
 pytest.importorskip("diffusers")
 
 from fp8_fx import (FP8CheckpointError, FP8Config, FP8Linear, convert_to_fp8, fp8_weight_bytes,  # noqa: E402
                     load_fp8_checkpoint, make_fp8_backend, save_fp8_checkpoint)
 from fp8_fx.wan import build_wan, load_wan_fp8  # noqa: E402
+from fp8_fx.weight_cache import fp8_copies  # noqa: E402
 from reference import rel_err  # noqa: E402
 from wan_checkpoints import to_original_wan_names  # noqa: E402
 from wan_like import WanLikeModel, targeted_qualnames  # noqa: E402
