@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -18,6 +19,7 @@ import torch
 
 from .backend import make_fp8_backend
 from .config import FP8Config
+from .modules import FP8Linear
 from .wan import TEXT_TOKENS, WAN_CONFIGS, CheckpointError, build_wan, latent_shape, load_wan
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -28,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help=f"preset size: {', '.join(WAN_CONFIGS)} (default tiny)")
     p.add_argument("--checkpoint", help="local diffusers folder or .safetensors file (diffusers or "
-                   "original Wan2.1 names); overrides --model's weights")
+                   "original Wan2.1 names, or an FP8 file from fp8_fx.save_fp8_checkpoint); overrides "
+                   "--model's weights")
     p.add_argument("--frames", type=int, default=17, help="video frames, 4k+1 (default 17)")
     p.add_argument("--height", type=int, default=128, help="pixels, multiple of 16 (default 128)")
     p.add_argument("--width", type=int, default=128, help="pixels, multiple of 16 (default 128)")
@@ -49,6 +52,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class UsageError(ValueError):
+    """A bad argument found past argparse: validate turns it into parser.error, main (for what
+    only the loaded model can tell) into exit status 2 with the message."""
+
+
+def load_text_embeds(path: str) -> torch.Tensor:
+    try:
+        text = torch.load(path, map_location="cpu")
+    except Exception as e:  # pickle, zip and weights_only errors alike
+        raise UsageError(f"--text-embeds {path}: torch.load cannot read it ({type(e).__name__}: {e}); "
+                         "give a file written by torch.save(tensor, path)") from e
+    if not isinstance(text, torch.Tensor):
+        raise UsageError(f"--text-embeds {path} holds a {type(text).__name__}, not a tensor; "
+                         "torch.save the (1, tokens, text_dim) embeddings tensor itself")
+    return text
+
+
+def check_text_dim(text: torch.Tensor, text_dim: int, path: str) -> None:
+    if text.dim() != 3 or text.shape[0] != 1 or text.shape[-1] != text_dim:
+        raise UsageError(f"--text-embeds {path} has shape {tuple(text.shape)}; this model expects "
+                         f"(1, tokens, text_dim) = (1, tokens, {text_dim}): one prompt's text-encoder "
+                         "output (umT5 for Wan)")
+
+
 def validate(args, parser: argparse.ArgumentParser) -> None:
     if args.model not in WAN_CONFIGS:
         parser.error(f"unknown --model {args.model!r}: choose one of {', '.join(WAN_CONFIGS)}")
@@ -60,12 +87,39 @@ def validate(args, parser: argparse.ArgumentParser) -> None:
             parser.error(f"--{name} must be a positive multiple of 16, got {v}")
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
+    if not args.shift > 0:
+        parser.error(f"--shift must be > 0 (flow matching shifts the timesteps by it; Wan uses 5.0, "
+                     f"3.0 at 480p), got {args.shift}")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N")
     if args.checkpoint and not Path(args.checkpoint).exists():
         parser.error(f"--checkpoint {args.checkpoint} does not exist (local paths only; nothing is downloaded)")
     if args.text_embeds and not Path(args.text_embeds).exists():
         parser.error(f"--text-embeds {args.text_embeds} does not exist")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda given but no CUDA GPU is visible")
+    for name, example in (("json", "demo.json"), ("plot", "err.png")):  # fail now, not after the run
+        path = getattr(args, name)
+        if path is None:
+            continue
+        folder = Path(path).parent
+        if Path(path).is_dir():
+            parser.error(f"--{name} {path} is a folder; give a file path, e.g. {Path(path) / example}")
+        if not folder.is_dir():
+            parser.error(f"--{name} {path}: the folder {folder} does not exist; create it first "
+                         f"(mkdir -p {folder}) or give another path")
+        if not os.access(folder, os.W_OK):
+            parser.error(f"--{name} {path}: the folder {folder} is not writable; give a path in a "
+                         "writable folder")
+    if args.text_embeds:  # read and check it now, not after building and compiling the model
+        try:
+            text = load_text_embeds(args.text_embeds)
+            if not args.checkpoint:  # a checkpoint's text_dim is known once it is loaded (run)
+                check_text_dim(text, WAN_CONFIGS[args.model]["text_dim"], args.text_embeds)
+        except UsageError as e:
+            parser.error(str(e))
 
 
 def _sync(device: torch.device) -> None:
@@ -139,9 +193,8 @@ def run(args) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     latents = torch.randn(latent_shape(args.frames, args.height, args.width, cfg.in_channels), generator=g)
     if args.text_embeds:
-        text = torch.load(args.text_embeds, map_location="cpu")
-        if text.dim() != 3 or text.shape[-1] != cfg.text_dim:
-            raise ValueError(f"--text-embeds must be (1, tokens, {cfg.text_dim}), got {tuple(text.shape)}")
+        text = load_text_embeds(args.text_embeds)
+        check_text_dim(text, cfg.text_dim, args.text_embeds)
     else:
         text = torch.randn(1, TEXT_TOKENS.get(args.model, 512), cfg.text_dim, generator=g)
     latents, text = latents.to(device), text.to(device, dtype)
@@ -149,51 +202,58 @@ def run(args) -> dict:
     print(f"Wan DiT {args.checkpoint or args.model}: {cfg.num_layers} blocks, dim "
           f"{cfg.num_attention_heads * cfg.attention_head_dim}, {tokens} video tokens, {args.steps} steps, "
           f"{args.dtype} on {device}")
+    fp8_weights = any(isinstance(m, FP8Linear) for m in transformer.modules())
+    baseline = f"{args.dtype}+fp8w" if fp8_weights else args.dtype
+    if fp8_weights:
+        print(f"FP8 checkpoint: the baseline run ({baseline}) is the weight-only FP8 model (FP8 weights, "
+              f"{args.dtype} compute), so the fidelity below is that of FP8 activations alone")
 
     results = {}
     backend = make_fp8_backend(FP8Config(granularity=args.granularity, fallback=args.fallback))
-    for name, compiled in (("bf16", torch.compile(transformer)),
+    for name, compiled in (("baseline", torch.compile(transformer)),
                            ("fp8", torch.compile(transformer, backend=backend))):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         final, velocities, seconds = denoise(compiled, latents, text, args.steps, args.shift, dtype,
-                                             desc=f"{name} compiled")
+                                             desc=f"{baseline if name == 'baseline' else name} compiled")
         results[name] = dict(final=final, velocities=velocities, **summarize(seconds))
         if device.type == "cuda":
             results[name]["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
 
-    bf16, fp8 = results["bf16"], results["fp8"]
+    base, fp8 = results["baseline"], results["fp8"]
     per_step = [dict(step=i, rel_err=rel_err(v8, v16), cosine=cosine(v8, v16))
-                for i, (v8, v16) in enumerate(zip(fp8["velocities"], bf16["velocities"]))]
-    final = dict(psnr_db=psnr_db(fp8["final"], bf16["final"]), ssim=ssim(fp8["final"], bf16["final"]),
-                 rel_err=rel_err(fp8["final"], bf16["final"]), cosine=cosine(fp8["final"], bf16["final"]))
+                for i, (v8, v16) in enumerate(zip(fp8["velocities"], base["velocities"]))]
+    final = dict(psnr_db=psnr_db(fp8["final"], base["final"]), ssim=ssim(fp8["final"], base["final"]),
+                 rel_err=rel_err(fp8["final"], base["final"]), cosine=cosine(fp8["final"], base["final"]))
     strip = ("final", "velocities")
     return dict(
         model=args.checkpoint or args.model, device=str(device), dtype=args.dtype,
+        baseline=baseline, baseline_dtype=args.dtype, fp8_weights_at_rest=fp8_weights,
         granularity=args.granularity, fallback=args.fallback, frames=args.frames, height=args.height,
         width=args.width, steps=args.steps, shift=args.shift, seed=args.seed, tokens=tokens,
         torch=torch.__version__,
         report=[dict(qualname=d.qualname, action=d.action, reason=d.reason, in_features=d.in_features,
                      out_features=d.out_features) for d in backend.report],
         report_table=str(backend.report),
-        bf16={k: v for k, v in bf16.items() if k not in strip},
+        bf16={k: v for k, v in base.items() if k not in strip},  # the baseline run in baseline_dtype (old key)
         fp8={k: v for k, v in fp8.items() if k not in strip},
-        speedup=round(bf16["step_ms"] / fp8["step_ms"], 3),
+        speedup=round(base["step_ms"] / fp8["step_ms"], 3),
         fidelity=dict(per_step=per_step, final=final))
 
 
 def print_summary(r: dict) -> None:
     print("\nWhich linears became FP8, and why the others did not:")
     print(r["report_table"])
+    base = r["baseline"]
     print("\nTime per step (median after the first, which compiles):")
-    for name in ("bf16", "fp8"):
+    for name, label in (("bf16", base), ("fp8", "fp8")):
         s = r[name]
         mem = f", peak {s['peak_gib']} GiB" if "peak_gib" in s else ""
-        print(f"  {name:5s} {s['step_ms']:9.1f} ms/step, compile ~{s['compile_s']:.1f} s{mem}")
-    print(f"  speedup fp8 vs bf16: {r['speedup']:.2f}x")
+        print(f"  {label + ' compiled':18s} {s['step_ms']:9.1f} ms/step, compile ~{s['compile_s']:.1f} s{mem}")
+    print(f"  speedup fp8 vs {base}: {r['speedup']:.2f}x")
     if not r["device"].startswith("cuda"):
         print("  (no FP8 tensor cores here: these times measure the fallback, not FP8 speed)")
-    print("\nFidelity of FP8 against bf16 (velocity per step; final latents):")
+    print(f"\nFidelity of FP8 against {base} (velocity per step; final latents):")
     for s in r["fidelity"]["per_step"]:
         print(f"  step {s['step']:3d}: rel err {s['rel_err']:.4f}, cosine {s['cosine']:.6f}")
     f = r["fidelity"]["final"]
@@ -211,7 +271,7 @@ def plot(r: dict, path: str) -> None:
     ax.plot(steps, [1 - s["cosine"] for s in r["fidelity"]["per_step"]], "s-", label="1 - cosine")
     ax.set_yscale("log")
     ax.set_xlabel("denoising step")
-    ax.set_title(f"FP8 ({r['granularity']}) vs bf16 velocity, Wan {r['model']}")
+    ax.set_title(f"FP8 ({r['granularity']}) vs {r['baseline']} velocity, Wan {r['model']}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -223,7 +283,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     validate(args, parser)
     try:
         result = run(args)
-    except CheckpointError as e:
+    except (CheckpointError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_summary(result)

@@ -48,11 +48,15 @@ def _default_dtype(dtype: torch.dtype):
 
 def cast_like_diffusers(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """`model.to(dtype)` but keep the modules diffusers keeps in fp32 (norms, time embedder,
-    modulation tables), as `from_pretrained(torch_dtype=...)` does."""
+    modulation tables), as `from_pretrained(torch_dtype=...)` does. FP8Linear weights and
+    their fp32 scales stay as they are (only their bias follows `dtype`)."""
+    from .modules import FP8Linear
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    fp8 = {n for n, m in model.named_modules() if isinstance(m, FP8Linear)}
     tensors = [*model.named_parameters(), *model.named_buffers()]
     for name, t in tensors:
-        if t.is_floating_point():
+        module, _, leaf = name.rpartition(".")
+        if t.is_floating_point() and not (module in fp8 and leaf != "bias"):
             t.data = t.data.to(torch.float32 if keep & set(name.split(".")) else dtype)
     return model
 
@@ -100,18 +104,43 @@ def infer_wan_config(state: dict) -> dict:
 def load_wan(path, dtype: torch.dtype = torch.bfloat16, device="cpu", fp8=None) -> torch.nn.Module:
     """Load a local Wan DiT: a diffusers folder (a transformer folder, or a pipeline folder
     with `transformer/`) or one `.safetensors` file in diffusers or original Wan2.1 names.
+    An FP8 file (save_fp8_checkpoint's, or other tools' `scale_weight` files) is loaded by
+    load_wan_fp8: its weights stay FP8 (fp8 is then moot), the rest is cast to `dtype`.
 
     fp8: True or an FP8Config to load to the CPU and convert the targeted weights to FP8 on
     the way to `device`, one layer at a time (the full bf16 model never sits on `device`).
     Tensors left on the CPU get memory of their own (see own_aligned_cpu_memory)."""
-    from .checkpoints import own_aligned_cpu_memory
+    from .checkpoints import FP8CheckpointError, own_aligned_cpu_memory
     from .modules import convert_to_fp8
+    if is_fp8_file(Path(path)):
+        try:
+            model = load_wan_fp8(path, device=device)
+        except FP8CheckpointError as e:
+            raise CheckpointError(str(e)) from e
+        return own_aligned_cpu_memory(cast_like_diffusers(model, dtype))
     if fp8:
         from .config import FP8Config
         model = _load_wan(Path(path), dtype, "cpu")
         convert_to_fp8(model, fp8 if isinstance(fp8, FP8Config) else None, device=device)
         return own_aligned_cpu_memory(model)
     return own_aligned_cpu_memory(_load_wan(Path(path), dtype, device))
+
+
+def is_fp8_file(path: Path) -> bool:
+    """A .safetensors file holding FP8 weights: fp8_fx's format in its metadata, per-tensor
+    `.scale_weight` entries, or any float8 tensor. Reads only the header."""
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    from safetensors import safe_open
+    from .checkpoints import FORMAT
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("format") == FORMAT:
+                return True
+            return any(k.endswith(".scale_weight") or f.get_slice(k).get_dtype().startswith("F8")
+                       for k in f.keys())
+    except Exception:  # unreadable: _load_wan says why
+        return False
 
 
 def _load_wan(path: Path, dtype: torch.dtype, device) -> torch.nn.Module:
