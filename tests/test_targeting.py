@@ -155,3 +155,17 @@ def test_two_models_on_one_backend_keep_their_own_records():
     assert "graph 0 (experts: FirstBlock" in table and "graph 1 (experts: OtherBlock" in table
     backend.reset()
     assert len(backend.report) == 0 and not backend.graphs
+
+
+def test_two_experts_of_one_class_with_named_backends_have_their_own_reports():
+    """Wan 2.2's two experts share a class: on one backend Dynamo serves both from one
+    graph; named backends of their own give each its graph and report."""
+    torch.manual_seed(0)
+    experts = [FirstBlock().eval(), FirstBlock().eval()]
+    backends = [make_fp8_backend(FP8Config(fallback="emulate"), name=n) for n in ("transformer", "transformer_2")]
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        outs = [torch.compile(m, backend=b)(x) for m, b in zip(experts, backends)]
+    for b, name in zip(backends, ("transformer", "transformer_2")):
+        assert [(d.graph.model, d.qualname) for d in b.report] == [(name, "attn1.to_q")]
+    assert not torch.equal(outs[0], outs[1])  # each expert ran its own weights
