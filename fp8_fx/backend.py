@@ -78,10 +78,11 @@ class FP8Backend:
             example_fp8 = [fake_mode.from_tensor(t, static_shapes=True) for t in example_fp8]
         compiled = compile_fx(gm, [*example_inputs, *example_fp8],
                               config_patches=cache_key_patch(passes, patches))
-        if not slots:
-            return compiled
+        unforgotten = _fake_modes(gm)  # until the first call: Dynamo is done with them then
 
         def run_with_fp8_weights(*args):
+            while unforgotten:
+                _forget_real_inputs(unforgotten.pop())
             # Dynamo calls compiled graphs unboxed: compiled_fn(*args).
             return compiled(*args, *weight_cache.quantized_inputs(args, slots))
 
@@ -114,6 +115,30 @@ class FP8Backend:
                     f"fp8_fx: FP8Config.{field} entries {unmatched} matched no linear op in this graph "
                     f"({root}); a typo? The graph's module paths are in backend.report.",
                     stacklevel=3)
+
+
+def _fake_modes(gm: torch.fx.GraphModule) -> list:
+    """The fake modes of the graph's example values (which keep them alive)."""
+    modes = {}
+    for node in gm.graph.nodes:
+        mode = getattr(node.meta.get("example_value"), "fake_mode", None)
+        if mode is not None:
+            modes[id(mode)] = mode
+    return list(modes.values())
+
+
+def _forget_real_inputs(fake_mode) -> None:
+    """Drop the fake mode's weak references to the real inputs (each parameter), which
+    our graph's example values keep alive: torch.utils.swap_tensors (load_state_dict and
+    .to() under set_swap_module_params_on_conversion) refuses a tensor that has one.
+    Dynamo does the same after compiling, but only for backends registered by name, so
+    the backend does it at the compiled graph's first call, once Dynamo is done with the
+    fake mode. The describer's table only numbers tensors for logs; private API, so best
+    effort."""
+    describer = getattr(getattr(getattr(fake_mode, "fake_tensor_converter", None), "meta_converter", None),
+                        "describer", None)
+    for table in ("lookup_tensor", "lookup_storage"):
+        getattr(describer, table, {}).clear()
 
 
 def _inductor_patches(mode: Optional[str], options: Optional[Dict[str, Any]],

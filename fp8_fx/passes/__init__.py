@@ -82,6 +82,16 @@ def cache_key_patch(passes: Sequence[FP8Pass], patches: dict) -> dict:
 
 
 def run_passes(passes: Sequence[FP8Pass], gm: torch.fx.GraphModule) -> List[PassResult]:
-    return [p.run(gm) for p in passes]
+    """Run `passes` on `gm`, the backend's copy of Dynamo's graph, which outlives the
+    compile (backend.graphs, and the compiled function holds it)."""
+    results = [p.run(gm) for p in passes]
+    # Dynamo's placeholders carry a GraphArg holding a weak reference to the real input
+    # (each parameter); Dynamo drops them from its own graph after compiling, but the
+    # copy kept them, and torch.utils.swap_tensors (load_state_dict and model.to under
+    # set_swap_module_params_on_conversion) refuses tensors that have a weak reference.
+    # Nothing after Dynamo reads them.
+    for node in gm.graph.nodes:
+        node.meta.pop("grapharg", None)
+    return results
 
 
