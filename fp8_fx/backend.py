@@ -76,7 +76,9 @@ class FP8Backend:
         fake_mode = torch._guards.detect_fake_mode(example_inputs)
         if fake_mode is not None:
             example_fp8 = [fake_mode.from_tensor(t, static_shapes=True) for t in example_fp8]
-        compiled = compile_fx(gm, [*example_inputs, *example_fp8],
+        # Inductor gets a copy: its passes may edit the graph they are given, and
+        # backend.graphs shows the rewritten graph as the passes left it.
+        compiled = compile_fx(copy_dynamo_graph_module(gm), [*example_inputs, *example_fp8],
                               config_patches=cache_key_patch(passes, patches))
         unforgotten = _fake_modes(gm)  # until the first call: Dynamo is done with them then
 
