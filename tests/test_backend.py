@@ -10,23 +10,8 @@ from fp8_fx import FP8Config, make_fp8_backend
 from fp8_fx.weight_cache import fp8_copies
 from reference import (output_tolerance, reference_fp8_linear, reference_weight_only_linear,
                        rel_err)
+from one_linear import ONE, OneLinear
 from wan_like import WanLikeModel, targeted_qualnames
-
-# Targets for the one-linear module below.
-ONE = FP8Config(targets=("attn1.to_q",), fallback="emulate")
-
-
-class OneLinear(nn.Module):
-    """`attn1.to_q` alone, so a test can compare it with the one-linear reference."""
-
-    def __init__(self, k=64, n=48, bias=True, dtype=torch.float32):
-        super().__init__()
-        self.attn1 = nn.Module()
-        self.attn1.to_q = nn.Linear(k, n, bias=bias, dtype=dtype)
-
-    def forward(self, x):
-        return self.attn1.to_q(x)
-
 
 def run(model, *inputs, config=ONE, backend=None, **compile_kwargs):
     backend = backend or make_fp8_backend(config)

@@ -2,22 +2,10 @@
 for backend="inductor" (torch.compile passes them to a custom backend as keywords)."""
 import pytest
 import torch
-import torch.nn as nn
 
-from fp8_fx import FP8Config, make_fp8_backend
+from fp8_fx import make_fp8_backend
+from one_linear import ONE, OneLinear
 from reference import output_tolerance, reference_fp8_linear, rel_err
-
-ONE = FP8Config(targets=("attn1.to_q",), fallback="emulate")
-
-
-class OneLinear(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.attn1 = nn.Module()
-        self.attn1.to_q = nn.Linear(64, 48)
-
-    def forward(self, x):
-        return self.attn1.to_q(x)
 
 
 @pytest.mark.parametrize("kwargs", [

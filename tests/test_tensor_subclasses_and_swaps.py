@@ -15,7 +15,7 @@ import fp8_fx
 from fp8_fx import FP8Config, make_fp8_backend
 from fp8_fx.weight_cache import fp8_copies
 from reference import output_tolerance, reference_fp8_linear, rel_err
-from test_backend import ONE, OneLinear
+from one_linear import ONE, OneLinear
 
 
 def _reference(model, x):
