@@ -27,7 +27,7 @@ from .report import GraphInfo, Report
 class FP8Backend:
     """A torch.compile backend. After compiling: `.report` (one record per linear op per
     graph), `.graphs` (the rewritten FX GraphModules, before Inductor). Both grow with
-    every graph this backend compiles; `reset()` empties them."""
+    every graph this backend compiles; `clear()` empties them."""
 
     def __init__(self, config: Optional[FP8Config] = None,
                  inductor_config_patches: Optional[Dict[str, Any]] = None, name: str = "") -> None:
@@ -35,6 +35,7 @@ class FP8Backend:
         if not isinstance(self.config, FP8Config):
             raise TypeError(f"make_fp8_backend takes an FP8Config, got {type(config).__name__}")
         self.inductor_config_patches = dict(inductor_config_patches or {})
+        _check_inductor_keys(self.inductor_config_patches, "make_fp8_backend(inductor_config_patches=...)")
         self.name = name
         self.report = Report()
         self.graphs: List[torch.fx.GraphModule] = []
@@ -48,7 +49,9 @@ class FP8Backend:
     def passes(self) -> List[FP8Pass]:
         return [LinearPass(self.config)]
 
-    def reset(self) -> None:
+    # Named clear(), not reset(): torch._dynamo.reset() calls reset() on every backend
+    # it has cached, and a report must outlive the compiled code it describes.
+    def clear(self) -> None:
         """Forget the report and graphs of everything compiled so far (compiled code stays)."""
         self.report.clear()
         self.graphs.clear()
@@ -93,12 +96,14 @@ class FP8Backend:
     def _check_entries(self, decisions, root: str) -> None:
         """Targets and excludes that cannot apply to this graph are named, never ignored."""
         config = self.config
-        qualnames = [d.qualname for d in decisions]
+        # A root-level linear (compiling an nn.Linear itself) has the path "" and is
+        # targeted by "*"; F.linear outside any module has no path and matches nothing.
+        qualnames = [d.qualname for d in decisions if not d.reason.startswith("no module path")]
         above = targeting.entries_above_root(qualnames, (*config.targets, *config.exclude))
         if above:
             raise ValueError(
                 f"fp8_fx: {above} name module paths above this graph's root ({root or 'no module'}: "
-                f"its paths look like {next(q for q in qualnames if q)!r}). Under regional "
+                f"its paths look like {next((q for q in qualnames if q), '')!r}). Under regional "
                 "compilation (compile_repeated_blocks) one graph serves every block, so a per-block "
                 "entry cannot apply. Use an in-block entry ('ffn.net.2'), compile the whole model, "
                 "or convert_to_fp8(model, FP8Config(exclude=...)) before compiling (it sees full paths) and "
@@ -153,9 +158,20 @@ def _inductor_patches(mode: Optional[str], options: Optional[Dict[str, Any]],
         if mode not in modes:
             raise ValueError(f"fp8_fx: unknown torch.compile mode {mode!r}; one of {sorted(modes)}")
         patches.update(list_mode_options(mode))
+    _check_inductor_keys(options or {}, "torch.compile(options=...)")
     patches.update(options or {})
     patches.update(ours)
     return patches
+
+
+def _check_inductor_keys(patches: Dict[str, Any], where: str) -> None:
+    """Name an unknown Inductor option now, not deep inside the first compile."""
+    from torch._inductor import config as inductor_config
+    known = inductor_config.get_config_copy()
+    unknown = sorted(k for k in patches if k not in known)
+    if unknown:
+        raise ValueError(f"fp8_fx: {where} has unknown Inductor options {unknown}; the names are "
+                         "those of torch._inductor.config (e.g. 'max_autotune', 'triton.cudagraphs')")
 
 
 def _root(gm: torch.fx.GraphModule) -> str:
@@ -165,10 +181,12 @@ def _root(gm: torch.fx.GraphModule) -> str:
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
         tx = InstructionTranslator.current_tx()
-        self_value = tx.f_locals.get("self")
-        if isinstance(self_value, torch.nn.Module):
-            return type(self_value).__name__
-        return tx.f_code.co_name
+        code = tx.f_code
+        # The module is forward's first argument, whatever it is called.
+        first = tx.f_locals.get(code.co_varnames[0]) if code.co_argcount else None
+        if isinstance(first, torch.nn.Module):
+            return type(first).__name__
+        return code.co_name
     except Exception:  # noqa: BLE001 - a label only
         return ""
 
@@ -198,6 +216,6 @@ def make_fp8_backend(config: Optional[FP8Config] = None,
 
 
 # The default-config backend; also registered as torch.compile(backend="fp8_fx"). Shared by
-# everything compiled with it: its report and graphs keep growing (reset() empties them);
+# everything compiled with it: its report and graphs keep growing (clear() empties them);
 # make a backend of your own for a report of one model.
 fp8_backend = make_fp8_backend()

@@ -153,7 +153,9 @@ def test_two_models_on_one_backend_keep_their_own_records():
     assert {d.graph.model for d in records} == {"experts"}
     table = str(backend.report)
     assert "graph 0 (experts: FirstBlock" in table and "graph 1 (experts: OtherBlock" in table
-    backend.reset()
+    torch._dynamo.reset()  # calls reset() on cached backends: the report must survive it
+    assert len(backend.report.records) == 3 and len(backend.graphs) == 2
+    backend.clear()
     assert len(backend.report) == 0 and not backend.graphs
 
 
@@ -169,3 +171,30 @@ def test_two_experts_of_one_class_with_named_backends_have_their_own_reports():
     for b, name in zip(backends, ("transformer", "transformer_2")):
         assert [(d.graph.model, d.qualname) for d in b.report] == [(name, "attn1.to_q")]
     assert not torch.equal(outs[0], outs[1])  # each expert ran its own weights
+
+
+def test_a_pattern_that_converts_a_root_level_linear_is_not_called_unmatched():
+    """Compiling an nn.Linear itself: its path is "" and "*" converts it, so no warning."""
+    backend = make_fp8_backend(FP8Config(targets=("*",), fallback="emulate"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            torch.compile(nn.Linear(32, 16).eval(), backend=backend)(torch.randn(4, 32))
+    assert [(d.qualname, d.action) for d in backend.report] == [("", "emulate")]
+
+
+class NamedOddly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn1 = nn.Module()
+        self.attn1.to_q = nn.Linear(32, 16)
+
+    def forward(this, x):  # noqa: N805 - the module's first argument need not be "self"
+        return this.attn1.to_q(x)
+
+
+def test_the_report_names_the_traced_module_whatever_forward_calls_it():
+    backend = make_fp8_backend(FP8Config(targets=("attn1.to_q",), fallback="emulate"))
+    with torch.no_grad():
+        torch.compile(NamedOddly().eval(), backend=backend)(torch.randn(4, 32))
+    assert [d.graph.root for d in backend.report] == ["NamedOddly"]
