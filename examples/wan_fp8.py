@@ -8,4 +8,4 @@ import sys
 from fp8_fx.demo import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python examples/wan_fp8.py"))

@@ -36,7 +36,9 @@ ORIGINAL_WAN_TARGETS: Tuple[str, ...] = (
 WAN_I2V_IMAGE_KV_TARGETS: Tuple[str, ...] = (
     "attn2.add_k_proj", "attn2.add_v_proj", "cross_attn.k_img", "cross_attn.v_img",
 )
-WAN_TARGETS: Tuple[str, ...] = DIFFUSERS_WAN_TARGETS + FASTVIDEO_WAN_TARGETS + ORIGINAL_WAN_TARGETS
+# Once each: diffusers and FastVideo share the cross-attention q/k/v names.
+WAN_TARGETS: Tuple[str, ...] = tuple(dict.fromkeys(
+    DIFFUSERS_WAN_TARGETS + FASTVIDEO_WAN_TARGETS + ORIGINAL_WAN_TARGETS))
 
 GRANULARITIES = ("tensor", "row")
 FALLBACKS = ("weight_only", "emulate")

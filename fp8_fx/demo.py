@@ -25,8 +25,8 @@ from .wan import TEXT_TOKENS, WAN_CONFIGS, CheckpointError, build_wan, latent_sh
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fp8_fx demo", description=__doc__,
+def build_parser(prog: str = "python -m fp8_fx demo") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help=f"preset size: {', '.join(WAN_CONFIGS)} (default tiny)")
     p.add_argument("--checkpoint", help="local diffusers folder or .safetensors file (diffusers or "
@@ -277,8 +277,8 @@ def plot(r: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
+def main(argv: Optional[List[str]] = None, prog: str = "python -m fp8_fx demo") -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     validate(args, parser)
     try:

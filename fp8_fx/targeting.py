@@ -75,8 +75,9 @@ def why_not_fp8_dtype(dtype: torch.dtype) -> Optional[str]:
 
 
 def unmatched_entries(qualnames: Iterable[str], entries: Iterable[str]) -> List[str]:
-    """The user's entries (not the presets') that match none of `qualnames`."""
-    names = [q for q in qualnames if q]
+    """The user's entries (not the presets') that match none of `qualnames` ("" is the
+    root module's path: a pattern such as "*" matches it)."""
+    names = list(qualnames)
     return [e for e in entries if e not in PRESET_ENTRIES and not any(entry_matches(q, e) for q in names)]
 
 

@@ -27,11 +27,28 @@ def test_mode_and_options_are_accepted_and_the_answer_is_right(kwargs):
     assert [d.action for d in backend.report] == ["emulate"]
 
 
-def test_options_really_reach_inductor():
-    # An option Inductor does not know is Inductor's own error, so the options were passed on.
-    with torch.no_grad(), pytest.raises(Exception, match="not_an_inductor_option"):
-        torch.compile(OneLinear().eval(), backend=make_fp8_backend(ONE),
-                      options={"not_an_inductor_option": 1})(torch.randn(4, 64))
+def test_options_really_reach_inductor(monkeypatch):
+    import fp8_fx.backend
+    seen = []
+    real = fp8_fx.backend.compile_fx
+
+    def recording_compile_fx(gm, inputs, config_patches=None):
+        seen.append(dict(config_patches or {}))
+        return real(gm, inputs, config_patches=config_patches)
+    monkeypatch.setattr(fp8_fx.backend, "compile_fx", recording_compile_fx)
+    with torch.no_grad():
+        torch.compile(OneLinear().eval(), backend=make_fp8_backend(ONE, {"cpp.simdlen": 8}),
+                      options={"epilogue_fusion": False})(torch.randn(4, 64))
+    assert seen and seen[0]["epilogue_fusion"] is False and seen[0]["cpp.simdlen"] == 8
+
+
+@pytest.mark.parametrize("where", ["options", "backend"])
+def test_unknown_inductor_options_are_named_before_compiling(where):
+    with pytest.raises(ValueError, match=r"unknown Inductor options \['not_an_inductor_option'\]"):
+        if where == "backend":
+            make_fp8_backend(ONE, {"not_an_inductor_option": 1})
+        else:
+            make_fp8_backend(ONE)(None, [], options={"not_an_inductor_option": 1})
 
 
 def test_unknown_mode_is_named():
