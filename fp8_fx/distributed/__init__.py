@@ -1,0 +1,1 @@
+"""fp8_fx with several processes: tensor parallelism (DTensor), FSDP2, context parallelism."""
