@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -110,18 +110,45 @@ def _fp8_modules_of(state: dict, metadata: dict, path) -> Dict[str, str]:
 
 
 def _check(state: dict, fp8_modules: Dict[str, str], path) -> None:
+    _check_header({k: (tuple(v.shape), v.dtype) for k, v in state.items()}, fp8_modules, path)
+
+
+def _check_header(header: Dict[str, Tuple[tuple, torch.dtype]], fp8_modules: Dict[str, str], path) -> None:
+    """The FP8 modules' weights and scales: present, FP8, scales of the granularity's shape.
+    header: {key: (shape, dtype)}, from tensors or from a file's header alone."""
     for module, granularity in fp8_modules.items():
-        w, s = state.get(f"{module}.weight"), state.get(f"{module}.weight_scale")
+        w, s = header.get(f"{module}.weight"), header.get(f"{module}.weight_scale")
         if w is None or s is None:
             raise FP8CheckpointError(f"{path}: {module} is listed as FP8 but its "
                                      f"{'weight' if w is None else 'weight_scale'} is missing")
-        if w.dtype != ops.FP8_DTYPE:
-            raise FP8CheckpointError(f"{path}: {module}.weight is {w.dtype}, expected float8_e4m3fn")
-        expected = (w.shape[0], 1) if granularity == "row" else ()
-        if tuple(s.shape) != expected:
+        (w_shape, w_dtype), (s_shape, _) = w, s
+        if w_dtype != ops.FP8_DTYPE:
+            raise FP8CheckpointError(f"{path}: {module}.weight is {w_dtype}, expected float8_e4m3fn")
+        expected = (w_shape[0], 1) if granularity == "row" else ()
+        if tuple(s_shape) != expected:
             raise FP8CheckpointError(
-                f"{path}: {module}.weight_scale has shape {tuple(s.shape)}, but {granularity!r} granularity "
-                f"for a {tuple(w.shape)} weight needs {expected}")
+                f"{path}: {module}.weight_scale has shape {tuple(s_shape)}, but {granularity!r} granularity "
+                f"for a {tuple(w_shape)} weight needs {expected}")
+
+
+def install_fp8_modules(model: nn.Module, fp8_modules: Dict[str, str],
+                        header: Dict[str, Tuple[tuple, torch.dtype]], path) -> nn.Module:
+    """Make each of `fp8_modules` an FP8Linear (on the meta device where it is not one yet),
+    with an `input_scale` buffer where the checkpoint has one. Reads shapes only."""
+    for name in list(fp8_modules):
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise FP8CheckpointError(f"{path}: FP8 module {name} does not exist in the model") from None
+        if not isinstance(old, FP8Linear):
+            w_shape = header[f"{name}.weight"][0]
+            bias = header.get(f"{name}.bias")
+            old = FP8Linear(w_shape[1], w_shape[0], bias is not None, fp8_modules[name], device="meta",
+                            bias_dtype=bias[1] if bias is not None else torch.bfloat16)
+            set_submodule(model, name, old)
+        if f"{name}.input_scale" in header and old.input_scale is None:  # saved after calibration
+            old.input_scale = torch.empty((), dtype=torch.float32, device="meta")
+    return model
 
 
 def load_fp8_checkpoint(path: Union[str, Path], model: Optional[nn.Module] = None,
@@ -129,7 +156,9 @@ def load_fp8_checkpoint(path: Union[str, Path], model: Optional[nn.Module] = Non
     """Load an FP8 checkpoint (ours, or a per-tensor `scale_weight` file from other tools)
     into `model` (a skeleton with the same module tree, any dtype, meta is fine), or,
     for an fp8_fx diffusers checkpoint, into a new model built from its recorded config.
-    Tensors are loaded as stored: bit-exact FP8 weights and scales."""
+    Tensors are loaded as stored: bit-exact FP8 weights and scales. Every process that
+    calls this reads the whole file; under FSDP2, load each rank's shards only with
+    fp8_fx.distributed.sharded_loading.load_fp8_checkpoint_sharded."""
     state, metadata = _read(path)
     state = {k.removeprefix("model.diffusion_model."): v for k, v in state.items()}
     return load_fp8_checkpoint_state(state, metadata, model, path, device)
@@ -140,21 +169,9 @@ def load_fp8_checkpoint_state(state: dict, metadata: dict, model: Optional[nn.Mo
     """load_fp8_checkpoint for a state dict already read (and renamed) by the caller."""
     fp8_modules = _fp8_modules_of(state, metadata, path)
     if model is None:
-        model = _skeleton_from_metadata(metadata, state, fp8_modules, path)
-    for name in list(fp8_modules):
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise FP8CheckpointError(f"{path}: FP8 module {name} does not exist in the model") from None
-        if not isinstance(old, FP8Linear):
-            w = state[f"{name}.weight"]
-            bias = state.get(f"{name}.bias")
-            old = FP8Linear(w.shape[1], w.shape[0], bias is not None, fp8_modules[name], device="meta",
-                            bias_dtype=bias.dtype if bias is not None else torch.bfloat16)
-            set_submodule(model, name, old)
-        if f"{name}.input_scale" in state and old.input_scale is None:  # saved after calibration
-            old.input_scale = torch.empty((), dtype=torch.float32, device="meta")
+        model = _skeleton_from_metadata(metadata, fp8_modules, path)
     _check(state, fp8_modules, path)
+    install_fp8_modules(model, fp8_modules, {k: (tuple(v.shape), v.dtype) for k, v in state.items()}, path)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not _is_nonpersistent(model, k)]
     if missing or unexpected:
@@ -168,7 +185,7 @@ def _is_nonpersistent(model: nn.Module, key: str) -> bool:
     return leaf in getattr(model.get_submodule(parent) if parent else model, "_non_persistent_buffers_set", ())
 
 
-def _skeleton_from_metadata(metadata: dict, state: dict, fp8_modules, path) -> nn.Module:
+def _skeleton_from_metadata(metadata: dict, fp8_modules, path) -> nn.Module:
     if "diffusers_config" not in metadata:
         raise FP8CheckpointError(f"{path}: no model config recorded; pass model= (a skeleton with the same "
                                  "module tree, e.g. built on the meta device)")

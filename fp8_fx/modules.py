@@ -75,6 +75,23 @@ def _convertible(name: str, module: nn.Module, config: FP8Config) -> Optional[st
     return None
 
 
+def _fsdp_sharded_paths(model: nn.Module) -> List[str]:
+    """Paths of the modules of `model` that FSDP2's fully_shard manages."""
+    if not torch.distributed.is_available():
+        return []
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    return [name for name, m in model.named_modules() if isinstance(m, FSDPModule)]
+
+
+def _under(name: str, paths: List[str]) -> Optional[str]:
+    """The innermost of `paths` that holds module `name`, else None."""
+    holders = [p for p in paths if p == "" or name == p or name.startswith(p + ".")]
+    return max(holders, key=len) if holders else None
+
+
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
@@ -89,10 +106,19 @@ def convert_to_fp8(model: nn.Module, config: Optional[FP8Config] = None,
     Returns one record per nn.Linear (converted or why not)."""
     config = config or FP8Config()
     decisions = []
+    sharded = _fsdp_sharded_paths(model)
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
         why_not = _convertible(name, module, config)
+        holder = _under(name, sharded) if why_not is None else None
+        if holder is not None:
+            # fully_shard registered this layer's bf16 parameters: a module swapped in now
+            # would hold tensors FSDP does not manage (and crash in the forward).
+            raise ValueError(
+                f"convert_to_fp8: {name} is already sharded by fully_shard (FSDP module "
+                f"{holder or '(the root)'!r}). Convert first, then fully_shard: "
+                "fp8_fx.convert_to_fp8(model); fp8_fx.distributed.fsdp.fully_shard_fp8(block, ...)")
         if why_not is None:
             with torch.no_grad():
                 set_submodule(model, name, FP8Linear.from_linear(module, config.granularity, device))
