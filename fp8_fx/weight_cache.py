@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import ops
+from .distributed import tensor_parallel
 
 _ATTR = "_fp8_fx_weights"  # {granularity: _Entry} on each quantized parameter
 
@@ -39,6 +40,8 @@ def _version(t: torch.Tensor) -> Optional[int]:
 
 
 def _identity(t: torch.Tensor) -> tuple:
+    if tensor_parallel.is_dtensor(t):  # a tensor-parallel weight: its shard, and how it is laid out
+        return (_identity(t.to_local()), _version(t), tuple(t.placements))
     return (t.data_ptr(), t.dtype, t.device, tuple(t.shape), _version(t))
 
 
@@ -61,7 +64,9 @@ class _Entries(dict):
 
 
 def quantized_weight(weight: torch.Tensor, granularity: str, qualname: str = "") -> Tuple[torch.Tensor, torch.Tensor]:
-    """(fp8 weight, fp32 scale) of `weight` as it is now: cached on the tensor."""
+    """(fp8 weight, fp32 scale) of `weight` as it is now: cached on the tensor. For a
+    DTensor (a tensor-parallel weight) those of this rank's shard, as plain tensors: each
+    shard has scales of its own (distributed/tensor_parallel.py)."""
     entries: Optional[Dict[str, _Entry]] = weight.__dict__.get(_ATTR)
     identity = _identity(weight)
     if entries is not None:
@@ -73,7 +78,7 @@ def quantized_weight(weight: torch.Tensor, granularity: str, qualname: str = "")
             "fp8_fx: a converted weight is on the meta device; load real weights before "
             "running the compiled model")
     with torch.no_grad():
-        fp8, scale = ops.quantize_weight(weight.detach(), granularity)
+        fp8, scale = ops.quantize_weight(tensor_parallel.local_tensor(weight.detach()), granularity)
     if not bool(torch.isfinite(scale).all()):  # once per quantization, off the hot path
         rows = "every output" if granularity == "tensor" else "the outputs of its non-finite rows"
         warnings.warn(f"fp8_fx: the weight of {qualname or 'a converted layer'} holds NaN or Inf; "

@@ -1,6 +1,7 @@
 """Weights that are not plain tensors, or change under the compiled model.
 
-DTensor (tensor-parallel) weights are left alone with a reason; parameters swapped by
+DTensor (tensor-parallel) weights run in FP8 on their local shards, other tensor
+subclasses are left alone with a reason; parameters swapped by
 torch (set_swap_module_params_on_conversion) keep working; weight edits are seen by the
 next call (or, for the two edits no cheap check sees, after fp8_fx.refresh_weights);
 a non-finite weight warns once, when it is quantized.
@@ -56,28 +57,55 @@ def cpu_mesh():
 
 
 @pytest.mark.parametrize("fallback", ["weight_only", "emulate"])
-def test_dtensor_weights_are_skipped_with_a_reason_and_run_as_inductor(cpu_mesh, fallback):
+def test_dtensor_weights_run_in_fp8_on_their_local_shards(cpu_mesh, fallback):
+    """Tensor-parallel layers are converted on each rank's shard (tests/test_tensor_parallel.py
+    runs 2 and 4 ranks); on a one-rank mesh the shard is the whole weight, so the answer is
+    one process's FP8 recipe."""
+    from reference import reference_weight_only_linear
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
                                                    parallelize_module)
     torch.manual_seed(0)
     model = TPBlock().eval()
+    q, out = model.attn1.to_q, model.attn1.to_out[0]
+    params = [(lin.weight.detach().clone(), lin.bias.detach().clone()) for lin in (q, out)]
     parallelize_module(model, cpu_mesh, {"attn1.to_q": ColwiseParallel(),
                                          "attn1.to_out.0": RowwiseParallel()})
-    assert isinstance(model.attn1.to_q.weight, DTensor)
+    assert isinstance(q.weight, DTensor)
     x = torch.randn(2, 8, 64)
-    with torch.no_grad():
-        expected = torch.compile(model, backend="inductor")(x)
-    torch._dynamo.reset()
 
     backend = make_fp8_backend(FP8Config(targets=("attn1.to_q", "attn1.to_out.0"), fallback=fallback))
     with torch.no_grad():
         y = torch.compile(model, backend=backend)(x)
     decisions = {d.qualname: d for d in backend.report}
     assert set(decisions) == {"attn1.to_q", "attn1.to_out.0"}
-    for d in decisions.values():
-        assert d.action == "skipped" and "DTensor" in d.reason, (d.qualname, d.reason)
-    assert fp8_copies(model) == 0
+    for qualname, kind in (("attn1.to_q", "colwise"), ("attn1.to_out.0", "rowwise")):
+        d = decisions[qualname]
+        assert d.action == fallback and f"tensor-parallel {kind} shard on a 1-rank mesh" in d.reason, d.reason
+    assert fp8_copies(model) == 2
+    one = reference_weight_only_linear if fallback == "weight_only" else reference_fp8_linear
+    h = torch.relu(one(x, *params[0], "tensor")).float()
+    assert rel_err(y, one(h, *params[1], "tensor")) < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:TwoTensor does not implement _stable_hash_for_caching")
+def test_other_tensor_subclasses_are_skipped_with_a_reason():
+    """A subclass whose data fp8_fx cannot read (here torch's test TwoTensor) is left to
+    Inductor, with a reason."""
+    two_tensor = pytest.importorskip("torch.testing._internal.two_tensor")
+    torch.manual_seed(0)
+    model = OneLinear().eval()
+    lin = model.attn1.to_q
+    lin.weight = nn.Parameter(two_tensor.TwoTensor(lin.weight.detach(), lin.weight.detach().clone()),
+                              requires_grad=False)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        expected = model(x)
+    backend = make_fp8_backend(ONE)
+    with torch.no_grad():
+        y = torch.compile(model, backend=backend)(x)
+    (d,) = backend.report
+    assert d.action == "skipped" and "TwoTensor weight (a tensor subclass)" in d.reason, d.reason
     assert rel_err(y, expected) < 1e-6
 
 

@@ -20,6 +20,12 @@ The pass touches nothing but the linear calls it converts: no dead-code eliminat
 (FX's would also delete in-place ops whose result is unused, such as a buffer's
 `copy_`), only the replaced call is erased.
 
+Tensor-parallel linears (DTensor weights, torch's ColwiseParallel / RowwiseParallel) get
+the same ops on this rank's shards: x.to_local(), the weight cache's FP8 copy of the
+local shard, then DTensor.from_local with the placement the linear returned (a rowwise
+bias added once, after the partial sums). Layouts it does not run stay DTensor linears,
+with a reason (distributed/tensor_parallel.py).
+
 Layers converted before compiling (FP8Linear, see modules.py) arrive as
 `fp8_fx.weight_only_linear(x, weight_fp8, scale, bias)` with FP8 weights already in the
 graph: they get the same rewrite, without new inputs. With a calibrated static input
@@ -38,6 +44,7 @@ import torch.fx
 
 from .. import ops, targeting
 from ..config import FP8Config
+from ..distributed import tensor_parallel
 from ..kernels import triton_quantize
 from ..qualname import node_qualname
 from ..report import LinearDecision
@@ -130,10 +137,21 @@ def _device_name(device: torch.device) -> str:
 
 
 def _is_subclass(t: Optional[torch.Tensor]) -> bool:
-    """A tensor subclass such as DTensor (a tensor-parallel shard): fp8_fx's ops have no
-    sharding rules, so such layers are left alone rather than crash in propagation."""
+    """A tensor subclass other than DTensor (whose tensor-parallel layouts the pass runs
+    on local shards, see distributed/tensor_parallel.py): fp8_fx's ops do not know what
+    its data means, so such layers are left alone rather than crash in propagation."""
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-    return t is not None and is_traceable_wrapper_subclass(t)
+    return t is not None and is_traceable_wrapper_subclass(t) and not tensor_parallel.is_dtensor(t)
+
+
+def _shard_layout(linear: _Linear):
+    """(ShardLayout or None, why not) for a linear with DTensor operands; (None, "") for
+    plain ones."""
+    w, x = example_value(linear.weight), example_value(linear.x)
+    if not (tensor_parallel.is_dtensor(w) or tensor_parallel.is_dtensor(x)):
+        return None, ""
+    bias = example_value(linear.bias) if linear.bias is not None else None
+    return tensor_parallel.shard_layout(x, w, bias)
 
 
 def decide(linear: _Linear, qualname: Optional[str], config: FP8Config,
@@ -145,7 +163,13 @@ def decide(linear: _Linear, qualname: Optional[str], config: FP8Config,
     subclass = next((t for t in (w, x) if _is_subclass(t)), None)
     if subclass is not None:
         return "skipped", (f"{type(subclass).__name__} {'weight' if subclass is w else 'input'} "
-                           "(a sharded tensor): fp8_fx's ops have no sharding rules yet")
+                           "(a tensor subclass): fp8_fx's ops run on plain tensors and DTensors only")
+    sharded = tensor_parallel.is_dtensor(w) or tensor_parallel.is_dtensor(x)
+    if linear.scale is not None and sharded:
+        return "skipped", ("FP8 weights at rest (FP8Linear) on DTensors: left weight-only, run by "
+                           "DTensor with fp8_fx's sharding rules and the scales it was converted with; "
+                           "for FP8 GEMMs on each rank's shard, parallelize the bf16 model and let "
+                           "the backend quantize the shards")
     if linear.scale is not None:  # converted before compiling: no targeting decision left
         return _device_action(linear, config, fp8_tensor_cores,
                               f"FP8 weights at rest ({linear.at_rest_granularity}); ")
@@ -166,7 +190,17 @@ def decide(linear: _Linear, qualname: Optional[str], config: FP8Config,
     why_not = targeting.why_not_fp8_shape(in_features=w.shape[1], out_features=w.shape[0])
     if why_not:
         return "skipped", why_not
-    return _device_action(linear, config, fp8_tensor_cores)
+    prefix = ""
+    if sharded:
+        layout, why_not = _shard_layout(linear)
+        if layout is None:
+            return "skipped", f"tensor-parallel (DTensor) linear left to DTensor: {why_not}"
+        out_local, in_local = layout.local_weight_shape(w.shape)
+        why_not = targeting.why_not_fp8_shape(in_features=in_local, out_features=out_local)
+        if why_not:
+            return "skipped", f"tensor-parallel {layout.kind} shard: the rank's local weight has {why_not}"
+        prefix = layout.describe(config.granularity)
+    return _device_action(linear, config, fp8_tensor_cores, prefix)
 
 
 def _device_action(linear: _Linear, config: FP8Config, fp8_tensor_cores: Optional[bool],
@@ -275,6 +309,7 @@ class _Rewriter:
         self.fp8_weights: Dict[torch.fx.Node, Tuple[torch.fx.Node, torch.fx.Node]] = {}
         self.fp8_inputs: Dict[Tuple[torch.fx.Node, str], Tuple[torch.fx.Node, torch.fx.Node]] = {}
         self.static_scales = _static_scales_by_input(graph)
+        self.local_views: Dict[torch.fx.Node, torch.fx.Node] = {}
 
     def fp8_weight(self, linear: _Linear, stem: str, qualname: str) -> Tuple[torch.fx.Node, torch.fx.Node]:
         """(fp8 weight, scale): the FP8Linear's own tensors, or two new graph inputs the
@@ -317,22 +352,42 @@ class _Rewriter:
         self.fp8_inputs[key] = made
         return made
 
+    def local(self, node: torch.fx.Node) -> torch.fx.Node:
+        """`node.to_local()` (made once, before its first use): a DTensor's shard on this rank."""
+        if node not in self.local_views:
+            local = self.graph.call_method("to_local", (node,))
+            local.name = f"{node.name}_local"
+            local.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+            self.local_views[node] = local
+        return self.local_views[node]
+
     def rewrite(self, linear: _Linear, action: str, qualname: Optional[str]) -> None:
         node = linear.node
         # Readable names in the rewritten graph: blocks_0_attn1_to_q_weight_fp8, ...
         stem = (qualname or node.name).replace(".", "_")
         granularity = linear.at_rest_granularity or self.config.granularity
-        wq, ws = self.fp8_weight(linear, stem, qualname or "")
+        wq, ws = self.fp8_weight(linear, stem, qualname or "")  # a DTensor's: its local shard's
+        layout, _ = _shard_layout(linear)
         with self.graph.inserting_before(node):
+            # Tensor parallel: the same FP8 ops on this rank's shards (distributed/tensor_parallel.py).
+            local = linear if layout is None else dataclasses.replace(
+                linear, x=self.local(linear.x),
+                bias=self.local(linear.bias) if layout.bias_in_gemm and linear.bias is not None else None)
             if action == "weight_only":
                 new = call(self.graph, torch.ops.fp8_fx.weight_only_linear.default,
-                           (linear.x, wq, ws, linear.bias), stem)
+                           (local.x, wq, ws, local.bias), stem)
             else:
-                xq, xs = self.fp8_input(linear, action, granularity)
-                args = (xq, xs, wq, ws, linear.bias, example_value(node).dtype)
+                xq, xs = self.fp8_input(local, action, granularity)
+                args = (xq, xs, wq, ws, local.bias, example_value(node).dtype)
                 if action == "scaled_mm":
                     args += (self.config.fast_accum,)
                 new = call(self.graph, _OP_FOR_ACTION[action], args, stem)
+            if layout is not None:
+                new.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+                new = call(self.graph, tensor_parallel.local_to_dtensor(layout.mesh, layout.output_placements),
+                           (new,), f"{stem}_dtensor")
+                if linear.bias is not None and not layout.bias_in_gemm:  # once, after the partial sums
+                    new = call(self.graph, operator.add, (new, linear.bias), f"{stem}_plus_bias")
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         self.graph.erase_node(node)
