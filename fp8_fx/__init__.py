@@ -2,16 +2,16 @@
 
     compiled = torch.compile(transformer, backend=fp8_fx.fp8_backend)
 """
-from . import ops  # registers the fp8_fx torch.library ops
+from . import attention_recipes, ops  # register the fp8_fx torch.library ops
 from . import wan  # diffusers is imported only when a Wan model is built or loaded
 from .backend import FP8Backend, fp8_backend, make_fp8_backend
 from .calibrate import calibrate_input_amax, set_input_scales
 from .checkpoints import FP8CheckpointError, load_fp8_checkpoint, save_fp8_checkpoint
 from .config import (DIFFUSERS_WAN_TARGETS, FASTVIDEO_WAN_TARGETS, ORIGINAL_WAN_TARGETS,
-                     WAN_I2V_IMAGE_KV_TARGETS, WAN_TARGETS, FP8Config)
+                     WAN_I2V_IMAGE_KV_TARGETS, WAN_TARGETS, AttentionConfig, FP8Config)
 from .modules import FP8Linear, convert_to_fp8, fp8_weight_bytes
 from .qualname import normalize_qualname
-from .report import GraphInfo, LinearDecision, Report
+from .report import AttentionDecision, GraphInfo, LinearDecision, Report
 from .weight_cache import refresh_weights
 
 __all__ = [
@@ -20,5 +20,6 @@ __all__ = [
     "ORIGINAL_WAN_TARGETS", "WAN_I2V_IMAGE_KV_TARGETS", "FP8Linear", "FP8CheckpointError",
     "convert_to_fp8", "fp8_weight_bytes", "save_fp8_checkpoint", "load_fp8_checkpoint",
     "calibrate_input_amax", "set_input_scales", "refresh_weights", "GraphInfo", "wan",
+    "AttentionConfig", "AttentionDecision", "attention_recipes",
 ]
 __version__ = "0.1.0"

@@ -20,6 +20,7 @@ from . import targeting, weight_cache
 from .config import FP8Config
 from .passes import FP8Pass, cache_key_patch, run_passes
 from .passes.fx_utils import copy_dynamo_graph_module
+from .passes.attention import AttentionPass
 from .passes.linear import LinearPass
 from .report import GraphInfo, Report
 
@@ -47,7 +48,9 @@ class FP8Backend:
                 f"{len(c.targets)} targets, {len(c.exclude)} excluded)")
 
     def passes(self) -> List[FP8Pass]:
-        return [LinearPass(self.config)]
+        # Attention first: the linear pass then sees fp8_attention's output as a library
+        # kernel's, as it saw SDPA's. Without FP8Config.attention it changes nothing.
+        return [AttentionPass(self.config), LinearPass(self.config)]
 
     # Named clear(), not reset(): torch._dynamo.reset() calls reset() on every backend
     # it has cached, and a report must outlive the compiled code it describes.
@@ -61,11 +64,13 @@ class FP8Backend:
         patches = _inductor_patches(mode, options, self.inductor_config_patches)
         passes = self.passes()
         gm = copy_dynamo_graph_module(gm)  # Dynamo reads its own graph after we return
-        (linear,) = run_passes(passes, gm)
-        self.report.add_graph(_graph_info(gm, len(self.graphs), self.name), linear.decisions)
+        attention, linear = run_passes(passes, gm)
+        self.report.add_graph(_graph_info(gm, len(self.graphs), self.name), linear.decisions,
+                              attention.decisions)
         self.graphs.append(gm)
         self._check_entries(linear.decisions, _root(gm))
-        if any(d.converted for d in linear.decisions) and torch.is_grad_enabled():
+        self._check_attention_entries(attention.decisions, _root(gm))
+        if any(d.converted for d in [*linear.decisions, *attention.decisions]) and torch.is_grad_enabled():
             raise RuntimeError(
                 "fp8_fx is inference-only (its FP8 ops have no backward). Call the compiled "
                 "model under torch.no_grad() or torch.inference_mode().")
@@ -122,6 +127,19 @@ class FP8Backend:
                     f"fp8_fx: FP8Config.{field} entries {unmatched} matched no linear op in this graph "
                     f"({root}); a typo? The graph's module paths are in backend.report.",
                     stacklevel=3)
+
+
+    def _check_attention_entries(self, decisions, root: str) -> None:
+        attention = self.config.attention
+        if attention is None or not decisions:  # a graph without attention calls says nothing
+            return
+        qualnames = [d.qualname for d in decisions]
+        for field in ("targets", "exclude"):
+            unmatched = targeting.unmatched_entries(qualnames, getattr(attention, field))
+            if unmatched:
+                warnings.warn(
+                    f"fp8_fx: AttentionConfig.{field} entries {unmatched} matched none of this graph's "
+                    f"attention calls ({root}: {qualnames}); a typo?", stacklevel=3)
 
 
 def _fake_modes(gm: torch.fx.GraphModule) -> list:

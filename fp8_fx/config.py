@@ -6,10 +6,11 @@ behaviour cannot change after it was built.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Tuple
+from typing import Literal, Optional, Tuple
 
 Granularity = Literal["tensor", "row"]
 Fallback = Literal["weight_only", "emulate"]
+AttentionRecipe = Literal["smooth_int8", "tensor"]
 
 # Attention projections and FFN layers of the three Wan codebases (see README).
 # Matched as whole dotted components at the end of the module path.
@@ -42,6 +43,44 @@ WAN_TARGETS: Tuple[str, ...] = tuple(dict.fromkeys(
 
 GRANULARITIES = ("tensor", "row")
 FALLBACKS = ("weight_only", "emulate")
+ATTENTION_RECIPES = ("smooth_int8", "tensor")
+
+
+def _entries(owner: str, field: str, value) -> Tuple[str, ...]:
+    """A targets/exclude field as a tuple of valid entries, or a clear error."""
+    if isinstance(value, str):
+        raise TypeError(f"{owner}.{field} must be a sequence of entries, not one string "
+                        f"(write ({value!r},) for a single suffix)")
+    entries = tuple(value)
+    bad = [e for e in entries if not isinstance(e, str) or not e or e.startswith(".") or e.endswith(".")]
+    if bad:
+        raise ValueError(f"{owner}.{field} has invalid entries {bad}: use dotted module-path endings "
+                         "such as 'attn1.to_q', or glob patterns such as 'attn?.to_out.0'")
+    return entries
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """FP8 attention: which attention modules' scaled_dot_product_attention calls run in
+    FP8, and with which recipe (attention_recipes.py).
+
+    recipe: "smooth_int8" (K smoothed, INT8 Q/K per 64-token block, FP8 P and V; output
+        in the model dtype) or "tensor" (cuDNN's: one FP8 scale per Q, K, V; FP8 output).
+    targets: attention module paths, matched as FP8Config.targets are. Default: Wan's
+        self-attention `attn1`; cross-attention (`attn2`, 512 text keys, ~1% of the
+        time) stays in bf16, where quantizing would cost more than it saves.
+    exclude: never converted; exclude wins (e.g. the first and last blocks).
+    """
+
+    recipe: AttentionRecipe = "smooth_int8"
+    targets: Tuple[str, ...] = ("attn1",)
+    exclude: Tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.recipe not in ATTENTION_RECIPES:
+            raise ValueError(f"AttentionConfig.recipe must be one of {ATTENTION_RECIPES}, got {self.recipe!r}")
+        for field in ("targets", "exclude"):
+            object.__setattr__(self, field, _entries("AttentionConfig", field, getattr(self, field)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +101,8 @@ class FP8Config:
         (attention, a GEMM, or the GELU of a GEMM's output: Inductor has no producer
         kernel to fuse them into) with fp8_fx's Triton kernels (triton_quantize.py)
         instead of Inductor's standalone ones. Same numerics; False for A/B timing.
+    attention: None (default: attention runs as the model wrote it) or an AttentionConfig
+        for FP8 attention in the modules it targets.
     """
 
     granularity: Granularity = "tensor"
@@ -70,6 +111,7 @@ class FP8Config:
     fallback: Fallback = "weight_only"
     fast_accum: bool = True
     triton_quantize: bool = True
+    attention: Optional[AttentionConfig] = None
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
@@ -79,16 +121,7 @@ class FP8Config:
             raise ValueError(
                 f"FP8Config.fallback must be one of {FALLBACKS}, got {self.fallback!r}")
         for field in ("targets", "exclude"):
-            value = getattr(self, field)
-            if isinstance(value, str):
-                raise TypeError(
-                    f"FP8Config.{field} must be a sequence of entries, not one string "
-                    f"(write ({value!r},) for a single suffix)")
-            suffixes = tuple(value)
-            bad = [s for s in suffixes if not isinstance(s, str) or not s or s.startswith(".")
-                   or s.endswith(".")]
-            if bad:
-                raise ValueError(f"FP8Config.{field} has invalid entries {bad}: use dotted "
-                                 "module-path endings such as 'attn1.to_q', or glob patterns such as "
-                                 "'attn?.to_out.0'")
-            object.__setattr__(self, field, suffixes)
+            object.__setattr__(self, field, _entries("FP8Config", field, getattr(self, field)))
+        if self.attention is not None and not isinstance(self.attention, AttentionConfig):
+            raise TypeError("FP8Config.attention must be None (attention stays as it is) or an "
+                            f"AttentionConfig(...), got {self.attention!r}")

@@ -18,7 +18,7 @@ from typing import Callable, List, Optional
 import torch
 
 from .backend import make_fp8_backend
-from .config import FP8Config
+from .config import ATTENTION_RECIPES, AttentionConfig, FP8Config
 from .modules import FP8Linear
 from .wan import TEXT_TOKENS, WAN_CONFIGS, CheckpointError, build_wan, latent_shape, load_wan
 
@@ -42,6 +42,9 @@ def build_parser(prog: str = "python -m fp8_fx demo") -> argparse.ArgumentParser
                    help="without FP8 tensor cores (CPU): 'emulate' reproduces the GPU's FP8 numerics "
                         "(default here, so the fidelity numbers mean something on CPU); "
                         "'weight_only' keeps FP8 weights and computes in bf16")
+    p.add_argument("--attention", choices=("off", *ATTENTION_RECIPES), default="off",
+                   help="FP8 self-attention (attn1) with this recipe as well (default off); "
+                        "needs --fallback emulate until the GPU kernels exist")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--seed", type=int, default=0)
@@ -209,7 +212,9 @@ def run(args) -> dict:
               f"{args.dtype} compute), so the fidelity below is that of FP8 activations alone")
 
     results = {}
-    backend = make_fp8_backend(FP8Config(granularity=args.granularity, fallback=args.fallback))
+    attention = None if args.attention == "off" else AttentionConfig(recipe=args.attention)
+    backend = make_fp8_backend(FP8Config(granularity=args.granularity, fallback=args.fallback,
+                                         attention=attention))
     for name, compiled in (("baseline", torch.compile(transformer)),
                            ("fp8", torch.compile(transformer, backend=backend))):
         if device.type == "cuda":
@@ -229,11 +234,13 @@ def run(args) -> dict:
     return dict(
         model=args.checkpoint or args.model, device=str(device), dtype=args.dtype,
         baseline=baseline, baseline_dtype=args.dtype, fp8_weights_at_rest=fp8_weights,
-        granularity=args.granularity, fallback=args.fallback, frames=args.frames, height=args.height,
+        granularity=args.granularity, fallback=args.fallback, attention=args.attention, frames=args.frames, height=args.height,
         width=args.width, steps=args.steps, shift=args.shift, seed=args.seed, tokens=tokens,
         torch=torch.__version__,
         report=[dict(qualname=d.qualname, action=d.action, reason=d.reason, in_features=d.in_features,
                      out_features=d.out_features) for d in backend.report],
+        attention_report=[dict(qualname=d.qualname, action=d.action, reason=d.reason)
+                          for d in backend.report.attention],
         report_table=str(backend.report),
         bf16={k: v for k, v in base.items() if k not in strip},  # the baseline run in baseline_dtype (old key)
         fp8={k: v for k, v in fp8.items() if k not in strip},

@@ -1,4 +1,5 @@
-"""One record per linear op per compiled graph, and the table users read.
+"""One record per linear op (and per attention call) per compiled graph, and the tables
+users read.
 
 Records are never merged across graphs: under regional compilation of a model with two
 kinds of blocks, or with two models on one backend (Wan 2.2's experts), graphs hold
@@ -9,7 +10,7 @@ or the block under regional compilation) and the backend's `name`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, List, Literal, Optional
+from typing import Iterator, List, Literal, Optional, Sequence
 
 Action = Literal["scaled_mm", "weight_only", "emulate", "skipped"]
 
@@ -40,20 +41,43 @@ class LinearDecision:
         return self.action != "skipped"
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionDecision:
+    qualname: str  # the attention module's path ("blocks.0.attn1"), "" outside any module
+    action: Literal["emulate", "skipped"]
+    reason: str
+    recipe: str
+    graph: Optional[GraphInfo] = None
+
+    @property
+    def converted(self) -> bool:
+        return self.action != "skipped"
+
+
 class Report:
     """The decisions of every graph compiled by one backend, in graph order."""
 
     def __init__(self) -> None:
         self._infos: List[GraphInfo] = []
         self._graphs: List[List[LinearDecision]] = []
+        self._attention: List[List[AttentionDecision]] = []
 
-    def add_graph(self, info: GraphInfo, decisions: List[LinearDecision]) -> None:
+    def add_graph(self, info: GraphInfo, decisions: List[LinearDecision],
+                  attention: Sequence[AttentionDecision] = ()) -> None:
         self._infos.append(info)
         self._graphs.append([dataclasses.replace(d, graph=info) for d in decisions])
+        self._attention.append([dataclasses.replace(d, graph=info) for d in attention])
 
     def clear(self) -> None:
         self._infos.clear()
         self._graphs.clear()
+        self._attention.clear()
+
+    @property
+    def attention(self) -> List[AttentionDecision]:
+        """One record per scaled_dot_product_attention call per graph (when
+        FP8Config.attention is set; the linears are the report's main records)."""
+        return [d for g in self._attention for d in g]
 
     @property
     def graphs(self) -> List[List[LinearDecision]]:
@@ -78,10 +102,11 @@ class Report:
         return [d for d in self.records if d.action == action]
 
     def __str__(self) -> str:
-        if len(self._graphs) == 1:
-            return format_table(self._graphs[0])
-        return "\n\n".join(f"{info}:\n{format_table(g)}" for info, g in zip(self._infos, self._graphs)
-                           ) or format_table([])
+        tables = [format_table(g) + (f"\n{format_attention_table(a)}" if a else "")
+                  for g, a in zip(self._graphs, self._attention)]
+        if len(tables) == 1:
+            return tables[0]
+        return "\n\n".join(f"{info}:\n{t}" for info, t in zip(self._infos, tables)) or format_table([])
 
     def __repr__(self) -> str:
         return f"<fp8_fx Report: {len(self)} linears in {len(self._graphs)} graphs>\n{self}"
@@ -99,3 +124,13 @@ def format_table(decisions: List[LinearDecision]) -> str:
         counts[d.action] = counts.get(d.action, 0) + 1
     summary = ", ".join(f"{n} {a}" for a, n in counts.items()) or "no linear ops seen"
     return "\n".join([*(line.rstrip() for line in lines), f"({len(decisions)} linears: {summary})"])
+
+
+def format_attention_table(decisions: List[AttentionDecision]) -> str:
+    header = ("attention", "action", "reason")
+    rows = [(d.qualname or "<no module>", d.action, d.reason) for d in decisions]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(2)]
+    lines = [f"{r[0].ljust(widths[0])}  {r[1].ljust(widths[1])}  {r[2]}" for r in [header, *rows]]
+    converted = sum(d.converted for d in decisions)
+    return "\n".join([*lines, f"({len(decisions)} attention calls: {converted} FP8, "
+                                f"{len(decisions) - converted} skipped)"])

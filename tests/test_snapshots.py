@@ -212,3 +212,47 @@ blocks.1.ffn.net.0.proj                    emulate  64   128  no FP8 tensor core
 blocks.1.ffn.net.2                         emulate  128  64   no FP8 tensor cores on cpu: fallback='emulate'
 proj_out                                   skipped  64   64   not targeted
 (26 linears: 6 skipped, 20 emulate)""")
+
+
+class SelfAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.to_q = torch.nn.Linear(32, 32)
+        self.to_out = torch.nn.ModuleList([torch.nn.Linear(32, 32)])
+
+    def forward(self, x):
+        q = self.to_q(x).unflatten(-1, (2, 16)).transpose(1, 2)
+        o = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        return self.to_out[0](o.transpose(1, 2).flatten(2))
+
+
+class AttentionBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn1 = SelfAttention()
+
+    def forward(self, x):
+        return self.attn1(x)
+
+
+class TestAttentionSnapshots(expecttest.TestCase):
+    def test_rewritten_attention_graph(self):
+        from fp8_fx import AttentionConfig
+        backend = compile_once(AttentionBlock().eval(), torch.randn(1, 8, 32),
+                               config=FP8Config(fallback="emulate", attention=AttentionConfig()))
+        code = "\n".join(line.split(";")[0].strip() for line in backend.graphs[0].code.splitlines()
+                         if "fp8_fx" in line)
+        self.assertExpectedInline(str(backend.report) + "\n" + code, """\
+qualname        action   in  out  reason
+attn1.to_q      emulate  32  32   no FP8 tensor cores on cpu: fallback='emulate'
+attn1.to_out.0  emulate  32  32   no FP8 tensor cores on cpu: fallback='emulate'
+(2 linears: 2 emulate)
+attention  action   reason
+attn1      emulate  recipe 'smooth_int8', emulated in fp32 (fallback='emulate')
+(1 attention calls: 1 FP8, 0 skipped)
+l_x__quantized = torch.ops.fp8_fx.quantize.default(l_x_, 'tensor')
+attn1_to_q = torch.ops.fp8_fx.emulated_scaled_mm.default(l_x__fp8, l_x__scale, attn1_to_q_weight_fp8, attn1_to_q_weight_scale, l_self_modules_attn1_modules_to_q_parameters_bias_, torch.float32)
+attn1_qkv_quantized = torch.ops.fp8_fx.quantize_attention_inputs.default(q, q, q, 'smooth_int8')
+attn1_fp8_attention = torch.ops.fp8_fx.fp8_attention.default(attn1_q8, attn1_q_scale, attn1_k8, attn1_k_scale, attn1_v8, attn1_v_scale, 0.25, 'smooth_int8', torch.float32)
+flatten_quantized = torch.ops.fp8_fx.quantize.default(flatten, 'tensor')
+attn1_to_out_0 = torch.ops.fp8_fx.emulated_scaled_mm.default(flatten_fp8, flatten_scale, attn1_to_out_0_weight_fp8, attn1_to_out_0_weight_scale, l_self_modules_attn1_modules_to_out_modules_0_parameters_bias_, torch.float32)""")

@@ -42,6 +42,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.fx
 
+from .. import attention_recipes  # noqa: F401 - fp8_attention, a library kernel below
 from .. import ops, targeting
 from ..config import FP8Config
 from ..distributed import tensor_parallel
@@ -61,7 +62,8 @@ _OP_FOR_ACTION = {
 # Ops whose output is a fresh buffer written by a library kernel (cuBLAS, cuDNN).
 _LIBRARY_KERNELS = (*_LINEAR_TARGETS, torch.nn.functional.scaled_dot_product_attention,
                     torch.matmul, torch.bmm, torch.mm, operator.matmul,
-                    torch.ops.fp8_fx.scaled_mm.default, torch.ops.fp8_fx.weight_only_linear.default)
+                    torch.ops.fp8_fx.scaled_mm.default, torch.ops.fp8_fx.weight_only_linear.default,
+                    torch.ops.fp8_fx.fp8_attention.default)
 _GELUS = (torch._C._nn.gelu, torch.nn.functional.gelu, torch.ops.aten.gelu.default)
 # Ops that pass their input's values on unchanged (checked: same dtype and numel).
 _VIEW_METHODS = ("view", "reshape", "flatten", "unflatten", "permute", "transpose",

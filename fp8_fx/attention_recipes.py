@@ -1,0 +1,144 @@
+"""FP8 attention recipes: how Q, K, V, P and O are quantized, and their fp32 emulation.
+
+Shapes are SDPA's: q (B, H, Sq, D), k and v (B, H, Sk, D). Both recipes quantize with
+the linear recipe's rule (ops.py: scale = clamp(amax / 448, min=1/(448*512)), e4m3fn)
+over different groups of values, and compute, in fp32,
+
+    S  = (q8 @ k8^T) * q_scale * k_scale * softmax_scale   (scales per row / column)
+    P~ = exp(S - rowmax(S))              in [0, 1], the max of each row exactly 1
+    P8 = e4m3(P~ * 448)                  a fixed scale: 1 maps to 448, no amax needed
+    O  = (P8 @ v8) * v_scale / 448 / rowsum(P~)
+
+"tensor" (cuDNN's FP8 SDPA forward on Hopper): one scale each for the whole Q, K and V,
+and an FP8 output: cuDNN needs O's scale before the kernel runs. O is a convex
+combination of V's rows (|O| <= max |V|), so V's own scale never clips it: O's scale is
+V's scale. (The price: O uses the FP8 range only as far as its values come near V's
+largest; `benchmarks/attention_accuracy.py` measures it against an exact amax.)
+
+"smooth_int8" (for a kernel of our own, after SageAttention2): K minus its mean over
+the tokens first (softmax is unchanged: it adds the same q.mean(k) to every score of a
+row), then Q and K in INT8 with one scale per block of 64 tokens (per batch and head;
+scale = amax / 127, round to nearest even), V in FP8 with one scale per channel (over
+the tokens; it factors out of P @ V exactly), and an output in the model's dtype. INT8
+keeps 7 bits of Q and K where e4m3 keeps 3: the scores, which the softmax exponentiates,
+are where FP8 attention loses most. Smoothing removes the channel bias that DiT keys
+carry, which would otherwise set K's scale.
+
+`quantize_attention_inputs` is decomposable (CompositeImplicitAutograd) so Inductor
+fuses it into the kernels that produce Q, K and V (RoPE, RMSNorm), as the linear pass's
+quantize fuses into its producers. `fp8_attention` is one opaque op: the attention
+kernel. On the CPU (and until the GPU kernels exist) its body is the fp32 emulation.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from .ops import FP8_DTYPE, FP8_MAX, amax_to_scale, cast_to_fp8
+
+RECIPES = ("tensor", "smooth_int8")
+QK_BLOCK = 64  # tokens per Q/K scale in "smooth_int8"
+INT8_MAX = 127.0
+INT8_MIN_SCALE = 1.0 / (INT8_MAX * 512.0)  # an all-zero block stays finite, as in ops.py
+
+_lib = torch.library.Library("fp8_fx", "FRAGMENT")
+
+
+def _check_recipe(recipe: str) -> None:
+    if recipe not in RECIPES:
+        raise ValueError(f"FP8 attention recipe must be one of {RECIPES}, got {recipe!r}")
+
+
+def _tensor_amax(x: torch.Tensor) -> torch.Tensor:
+    if x.numel() == 0:  # any scale is right for an empty tensor
+        return x.new_zeros((), dtype=torch.float32)
+    return x.abs().amax().float()
+
+
+def _block_scale(x: torch.Tensor, to_scale) -> torch.Tensor:
+    """(B, H, S, D) -> to_scale(amax of each block of QK_BLOCK tokens), one per token:
+    (B, H, S, 1). The last block may be short: zero padding leaves an amax unchanged."""
+    b, h, s, d = x.shape
+    blocks = -(-s // QK_BLOCK)
+    padded = torch.nn.functional.pad(x.abs().float(), (0, 0, 0, blocks * QK_BLOCK - s))
+    scale = to_scale(padded.reshape(b, h, blocks, QK_BLOCK * d).amax(dim=-1, keepdim=True))
+    # Each token picks its block's scale by index: an expand + reshape + slice of the
+    # padded length here came back wrong from Inductor (torch 2.13, inside this op) when
+    # S is not a multiple of the block.
+    token_block = torch.arange(s, device=x.device) // QK_BLOCK
+    return scale.index_select(2, token_block)
+
+
+def _int8_scale(amax: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(amax / torch.full_like(amax, INT8_MAX), min=INT8_MIN_SCALE)
+
+
+def _cast_to_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.round(torch.clamp(x.float() / scale, -INT8_MAX, INT8_MAX)).to(torch.int8)
+
+
+def _quantize_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, recipe: str
+                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor, torch.Tensor]:
+    """(q8, q_scale, k8, k_scale, v8, v_scale): Q/K/V in 8 bits and fp32 scales shaped to
+    broadcast against them: () for "tensor"; (B, H, S, 1) for Q/K (int8) and (B, H, 1, D)
+    for V in "smooth_int8"."""
+    _check_recipe(recipe)
+    if recipe == "tensor":
+        qs, ks, vs = (amax_to_scale(_tensor_amax(t)) for t in (q, k, v))
+        return cast_to_fp8(q, qs), qs, cast_to_fp8(k, ks), ks, cast_to_fp8(v, vs), vs
+    if k.shape[-2] > 0:
+        k = k.float() - k.float().mean(dim=-2, keepdim=True)
+    v_amax = v.abs().float().amax(dim=-2, keepdim=True) if v.shape[-2] > 0 else (
+        v.new_zeros((*v.shape[:-2], 1, v.shape[-1]), dtype=torch.float32))
+    qs, ks, vs = _block_scale(q, _int8_scale), _block_scale(k, _int8_scale), amax_to_scale(v_amax)
+    return _cast_to_int8(q, qs), qs, _cast_to_int8(k, ks), ks, cast_to_fp8(v, vs), vs
+
+
+_lib.define("quantize_attention_inputs(Tensor q, Tensor k, Tensor v, str recipe) "
+            "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+_lib.impl("quantize_attention_inputs", _quantize_attention_inputs, "CompositeImplicitAutograd")
+
+
+def emulated_fp8_attention(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor,
+                           v8: torch.Tensor, v_scale: torch.Tensor, softmax_scale: float, recipe: str,
+                           out_dtype: torch.dtype) -> torch.Tensor:
+    """The recipe's attention in fp32 (see the module docstring), output in out_dtype.
+    Q.K products of int8 or e4m3 values sum exactly in fp32 for head dims up to 1,040."""
+    _check_recipe(recipe)
+    b, h, sq, _ = q8.shape
+    if k8.shape[-2] == 0:
+        raise ValueError("FP8 attention needs at least one key (Sk = 0: softmax of nothing)")
+    if q8.numel() == 0:
+        return q8.new_zeros((b, h, sq, v8.shape[-1]), dtype=out_dtype)
+    k_cols = k_scale.transpose(-1, -2) if k_scale.dim() else k_scale  # per key: (B, H, 1, Sk)
+    s = (q8.float() @ k8.float().transpose(-1, -2)) * (q_scale * k_cols) * softmax_scale
+    p = torch.exp(s - s.amax(dim=-1, keepdim=True))
+    p8 = (p * FP8_MAX).to(FP8_DTYPE)  # p <= 1: never beyond 448
+    o = (p8.float() @ v8.float()) * (v_scale / FP8_MAX) / p.sum(dim=-1, keepdim=True)
+    if recipe == "tensor":  # cuDNN on Hopper writes FP8, with V's scale as O's (|O| <= max|V|)
+        o = cast_to_fp8(o, v_scale).float() * v_scale
+    return o.to(out_dtype)
+
+
+@torch.library.custom_op("fp8_fx::fp8_attention", mutates_args=())
+def fp8_attention(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor,
+                  v8: torch.Tensor, v_scale: torch.Tensor, softmax_scale: float, recipe: str,
+                  out_dtype: torch.dtype) -> torch.Tensor:
+    """Attention of quantized inputs: the GPU kernels' slot; the fp32 emulation here."""
+    return emulated_fp8_attention(q8, q_scale, k8, k_scale, v8, v_scale, softmax_scale, recipe, out_dtype)
+
+
+@fp8_attention.register_fake
+def _(q8, q_scale, k8, k_scale, v8, v_scale, softmax_scale, recipe, out_dtype):
+    return q8.new_empty((*q8.shape[:-1], v8.shape[-1]), dtype=out_dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, recipe: str,
+              softmax_scale: float | None = None) -> torch.Tensor:
+    """Eager entry point: what the rewritten graph computes for one SDPA call."""
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    quantized = torch.ops.fp8_fx.quantize_attention_inputs(q, k, v, recipe)
+    return torch.ops.fp8_fx.fp8_attention(*quantized, softmax_scale, recipe, q.dtype)

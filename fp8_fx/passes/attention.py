@@ -1,0 +1,130 @@
+"""The FP8 attention pass: one decision per scaled_dot_product_attention call.
+
+    SDPA(q, k, v)  in a targeted attention module (AttentionConfig.targets, e.g. `attn1`)
+      -> q8, qs, k8, ks, v8, vs = fp8_fx.quantize_attention_inputs(q, k, v, recipe)
+         out = fp8_fx.fp8_attention(q8, qs, k8, ks, v8, vs, softmax_scale, recipe, dtype)
+
+The quantization is decomposable, so Inductor fuses it into the kernels that produce
+Q, K and V; `fp8_attention` is the kernel (attention_recipes.py). Runs before the linear
+pass, which then sees the attention output as a library kernel's (as it saw SDPA's).
+
+Where it runs: the fp32 emulation (`emulate`) wherever FP8Config.fallback is "emulate";
+no FP8 attention kernel exists yet for GPUs, so elsewhere the call stays as it is, with
+that reason in the report.
+"""
+from __future__ import annotations
+
+import operator
+from typing import List, Optional, Tuple
+
+import torch
+import torch.fx
+
+from .. import attention_recipes  # noqa: F401 - registers the ops the pass emits
+from .. import targeting
+from ..config import AttentionConfig, FP8Config
+from ..qualname import node_qualname
+from ..report import AttentionDecision
+from . import FP8Pass, PassResult
+from .fx_utils import call, example_value
+
+_SDPA = (torch.nn.functional.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = dict(attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False)
+
+
+def sdpa_arguments(node: torch.fx.Node) -> dict:
+    """SDPA's arguments by name, defaults filled in."""
+    bound = dict(_SDPA_DEFAULTS)
+    bound.update(zip(_SDPA_PARAMS, node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
+def why_not_fp8_attention(args: dict) -> Optional[str]:
+    """None when the FP8 recipes compute this call, else why not."""
+    if args["attn_mask"] is not None:
+        return "an attention mask (the FP8 recipes take none)"
+    if args["is_causal"]:
+        return "causal attention (the FP8 recipes are bidirectional, as DiTs are)"
+    if args["dropout_p"] != 0.0:
+        return f"dropout_p={args['dropout_p']} (inference attention has none)"
+    if args["enable_gqa"]:
+        return "grouped-query attention (enable_gqa)"
+    if not isinstance(args["scale"], (float, int, type(None))):
+        return "a softmax scale that is not a number known at compile time"
+    q, k, v = (example_value(args[n]) for n in ("query", "key", "value"))
+    if q is None or k is None or v is None:
+        return "Q, K or V without a traced value"
+    if not (q.dim() == k.dim() == v.dim() == 4):
+        return f"Q/K/V of {q.dim()}/{k.dim()}/{v.dim()} dims (the recipes take (batch, heads, tokens, head dim))"
+    if q.dtype not in targeting.FLOAT_DTYPES or not (q.dtype == k.dtype == v.dtype):
+        return f"Q/K/V dtypes {q.dtype}/{k.dtype}/{v.dtype} (bf16/fp16/fp32, all one)"
+    if q.shape[1] != k.shape[1] or k.shape[-2] != v.shape[-2] or q.shape[-1] != k.shape[-1]:
+        return f"Q {tuple(q.shape)}, K {tuple(k.shape)} and V {tuple(v.shape)} do not pair up head by head"
+    if not all(isinstance(d, int) for d in (q.shape[-1], v.shape[-1])):
+        return "a symbolic head dim"
+    if isinstance(k.shape[-2], int) and k.shape[-2] == 0:
+        return "no keys (Sk = 0)"
+    return None
+
+
+def decide(node: torch.fx.Node, qualname: Optional[str], attention: AttentionConfig,
+           fallback: str) -> Tuple[str, str]:
+    """(action, reason): "emulate" or "skipped"."""
+    not_targeted = targeting.why_not_targeted(qualname, attention)
+    if not_targeted:
+        return "skipped", not_targeted
+    why_not = why_not_fp8_attention(sdpa_arguments(node))
+    if why_not:
+        return "skipped", why_not
+    device = example_value(sdpa_arguments(node)["query"]).device
+    if fallback == "emulate":
+        return "emulate", f"recipe {attention.recipe!r}, emulated in fp32 (fallback='emulate')"
+    return "skipped", (f"no FP8 attention kernel for {device.type} yet (FP8Config(fallback='emulate') "
+                       f"runs recipe {attention.recipe!r} in fp32)")
+
+
+class AttentionPass(FP8Pass):
+    """FP8 attention: one decision per SDPA call, converted ones rewritten to fp8_fx ops."""
+
+    name = "fp8_fx.attention"
+    config: FP8Config
+
+    def run(self, gm: torch.fx.GraphModule) -> PassResult:
+        attention, graph = self.config.attention, gm.graph
+        decisions: List[AttentionDecision] = []
+        if attention is None:
+            return PassResult(decisions, [])
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target not in _SDPA:
+                continue
+            qualname = node_qualname(node)
+            action, reason = decide(node, qualname, attention, self.config.fallback)
+            decisions.append(AttentionDecision(qualname=qualname or "", action=action, reason=reason,
+                                               recipe=attention.recipe))
+            if action != "skipped":
+                _rewrite(graph, node, attention.recipe, (qualname or node.name).replace(".", "_"))
+        graph.lint()
+        gm.recompile()
+        return PassResult(decisions, [])
+
+
+def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node, recipe: str, stem: str) -> None:
+    args = sdpa_arguments(node)
+    q = args["query"]
+    head_dim = example_value(q).shape[-1]
+    softmax_scale = float(args["scale"]) if args["scale"] is not None else head_dim ** -0.5
+    with graph.inserting_before(node):
+        quant = call(graph, torch.ops.fp8_fx.quantize_attention_inputs.default,
+                     (q, args["key"], args["value"], recipe), f"{stem}_qkv_quantized")
+        parts = [call(graph, operator.getitem, (quant, i), f"{stem}_{name}")
+                 for i, name in enumerate(("q8", "q_scale", "k8", "k_scale", "v8", "v_scale"))]
+        new = call(graph, torch.ops.fp8_fx.fp8_attention.default,
+                   (*parts, softmax_scale, recipe, example_value(node).dtype), f"{stem}_fp8_attention")
+    for made in (quant, *parts, new):
+        made.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+

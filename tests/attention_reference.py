@@ -1,0 +1,66 @@
+"""float64 references for attention: exact attention, and each FP8 recipe written out
+independently of fp8_fx (its own e4m3 rounding, its own block and channel grouping)."""
+import math
+
+import torch
+
+from reference import E4M3_MAX, MIN_SCALE, round_to_e4m3
+
+
+def exact_attention(q, k, v, softmax_scale=None):
+    q, k, v = q.double(), k.double(), v.double()
+    softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    return torch.softmax(q @ k.transpose(-1, -2) * softmax_scale, dim=-1) @ v
+
+
+def _scale(amax):
+    """amax / 448 rounded to fp32, clamped below at 1/(448*512)."""
+    return torch.clamp((amax.double() / E4M3_MAX).float(), min=MIN_SCALE).double()
+
+
+def _on_grid(x, scale):
+    """e4m3 values of x / scale (an fp32 division, as the recipe's), times the scale."""
+    return round_to_e4m3(torch.clamp(x.float() / scale.float(), -E4M3_MAX, E4M3_MAX)) * scale
+
+
+def _int8_on_grid(x, scale):
+    return torch.round(torch.clamp(x.float() / scale.float(), -127.0, 127.0).double()) * scale
+
+
+def _per_token_block_scale(x, maximum, min_scale, block=64):
+    """Each token's scale: the amax of its block of 64 tokens (per batch and head) / maximum."""
+    out = torch.empty((*x.shape[:-1], 1), dtype=torch.float64)
+    for start in range(0, x.shape[-2], block):
+        amax = x[:, :, start:start + block].abs().double().amax(dim=(-1, -2), keepdim=True)
+        out[:, :, start:start + block] = torch.clamp((amax / maximum).float(), min=min_scale).double()
+    return out
+
+
+def recipe_attention(q, k, v, recipe, softmax_scale=None):
+    q, k, v = q.float(), k.float(), v.float()
+    """The recipe in float64. "tensor": Q, K, V on the e4m3 grid, one scale each; O on V's
+    grid. "smooth_int8": K minus its token mean; Q, K on the int8 grid (scale = block amax
+    / 127, blocks of 64 tokens); V on the e4m3 grid per channel. Both: P~ = exp(S - rowmax)
+    put on the e4m3 grid at a fixed scale 1/448, divided by the rowsum of the unquantized P~."""
+    softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    q, k, v = q.double(), k.double(), v.double()
+    if recipe == "tensor":
+        qs, ks, vs = (_scale(t.abs().amax()) for t in (q, k, v))
+        qd, kd = _on_grid(q, qs), _on_grid(k, ks)
+    elif recipe == "smooth_int8":
+        # The recipe smooths in fp32 (a float64 mean moves codes sitting on an int8 tie).
+        k = (k.float() - k.float().mean(dim=-2, keepdim=True)).double()
+        qs = _per_token_block_scale(q, 127.0, 1.0 / (127.0 * 512.0))
+        ks = _per_token_block_scale(k, 127.0, 1.0 / (127.0 * 512.0))
+        qd, kd = _int8_on_grid(q, qs), _int8_on_grid(k, ks)
+        vs = _scale(v.abs().amax(dim=-2, keepdim=True))  # per channel, over the tokens
+    else:
+        raise ValueError(recipe)
+    vd = _on_grid(v, vs)
+    s = qd @ kd.transpose(-1, -2) * softmax_scale
+    p = torch.exp(s - s.amax(dim=-1, keepdim=True))
+    pd = round_to_e4m3(p * E4M3_MAX) / E4M3_MAX
+    o = (pd @ vd) / p.sum(dim=-1, keepdim=True)
+    if recipe == "tensor":
+        o = _on_grid(o, vs)
+    return o

@@ -1,0 +1,212 @@
+"""The FP8 attention pass: which SDPA calls it converts (one report record each, with
+its reason), what the rewritten graph computes (against the float64 recipe), and the
+calls it must leave alone."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fp8_fx import AttentionConfig, FP8Config
+from fp8_fx.passes import run_passes
+from fp8_fx.passes.attention import AttentionPass
+from fp8_fx.passes.fx_utils import copy_dynamo_graph_module
+from attention_reference import exact_attention, recipe_attention
+from reference import rel_err
+
+
+class Attention(nn.Module):
+    """diffusers-style: projections and the SDPA call inside the attention module."""
+
+    def __init__(self, dim=64, heads=2, **sdpa_kwargs):
+        super().__init__()
+        self.heads, self.sdpa_kwargs = heads, sdpa_kwargs
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
+
+    def qkv(self, x, context):
+        def heads(t):
+            return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        return heads(self.to_q(x)), heads(self.to_k(context)), heads(self.to_v(context))
+
+    def forward(self, x, context):
+        q, k, v = self.qkv(x, context)
+        return F.scaled_dot_product_attention(q, k, v, **self.sdpa_kwargs).transpose(1, 2).flatten(2)
+
+
+class Block(nn.Module):
+    def __init__(self, dim=64, **sdpa_kwargs):
+        super().__init__()
+        self.attn1 = Attention(dim, **sdpa_kwargs)
+        self.attn2 = Attention(dim)
+
+    def forward(self, x, context):
+        x = x + self.attn1(x, x)
+        return x + self.attn2(x, context)
+
+
+def compile_with_pass(model, config, *inputs):
+    """torch.compile with a backend that runs only the attention pass (eager after it)."""
+    results = []
+
+    def backend(gm, example_inputs):
+        gm = copy_dynamo_graph_module(gm)
+        (result,) = run_passes([AttentionPass(config)], gm)
+        results.append((gm, result.decisions))
+        return gm.forward
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend, fullgraph=True)(*inputs)
+    (gm, decisions), = results
+    return out, gm, decisions
+
+
+def inputs(tokens=70, text=20, dim=64):
+    return torch.randn(1, tokens, dim), torch.randn(1, text, dim)
+
+
+@pytest.mark.parametrize("recipe", ["smooth_int8", "tensor"])
+def test_self_attention_is_converted_and_computes_the_recipe(recipe):
+    torch.manual_seed(0)
+    block = Block().eval()
+    x, ctx = inputs()
+    config = FP8Config(fallback="emulate", attention=AttentionConfig(recipe=recipe))
+    out, gm, decisions = compile_with_pass(block, config, x, ctx)
+    assert [(d.qualname, d.action) for d in decisions] == [("attn1", "emulate"), ("attn2", "skipped")]
+    assert decisions[1].reason == "not targeted"
+    with torch.no_grad():  # the truth: attn1's projections, then the float64 recipe
+        q, k, v = block.attn1.qkv(x, x)
+        h = x.double() + recipe_attention(q, k, v, recipe).transpose(1, 2).flatten(2)
+        q, k, v = block.attn2.qkv(h.float(), ctx)
+        expected = h + exact_attention(q, k, v).transpose(1, 2).flatten(2)
+    assert rel_err(out, expected) < 1e-4
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.fp8_fx.fp8_attention.default in targets
+    assert targets.count(F.scaled_dot_product_attention) == 1  # attn2's, left alone
+
+
+def test_without_attention_config_nothing_changes():
+    torch.manual_seed(1)
+    block = Block().eval()
+    x, ctx = inputs()
+    out, gm, decisions = compile_with_pass(block, FP8Config(fallback="emulate"), x, ctx)
+    assert decisions == []
+    with torch.no_grad():
+        assert torch.equal(out, block(x, ctx))
+
+
+def test_targets_exclude_and_the_explicit_scale():
+    torch.manual_seed(2)
+    block = Block(scale=0.2).eval()
+    x, ctx = inputs()
+    config = FP8Config(fallback="emulate", attention=AttentionConfig(targets=("attn?",), exclude=("attn2",)))
+    out, gm, decisions = compile_with_pass(block, config, x, ctx)
+    assert [(d.qualname, d.action, d.reason) for d in decisions][1] == ("attn2", "skipped", "excluded by 'attn2'")
+    node = next(n for n in gm.graph.nodes if n.target is torch.ops.fp8_fx.fp8_attention.default)
+    assert node.args[6] == 0.2  # the model's softmax scale, not 1/sqrt(head dim)
+
+
+@pytest.mark.parametrize("kwargs, reason", [
+    (dict(is_causal=True), "causal attention"),
+    (dict(dropout_p=0.1), "dropout_p=0.1"),
+])
+def test_calls_the_recipes_do_not_compute_are_left_with_a_reason(kwargs, reason):
+    torch.manual_seed(3)
+    block = Block(**kwargs).eval()
+    x, ctx = inputs()
+    config = FP8Config(fallback="emulate", attention=AttentionConfig())
+    _, gm, decisions = compile_with_pass(block, config, x, ctx)
+    assert decisions[0].action == "skipped" and reason in decisions[0].reason
+    assert not any(n.target is torch.ops.fp8_fx.fp8_attention.default for n in gm.graph.nodes)
+
+
+class MaskedAttention(nn.Module):
+    def forward(self, q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class Masked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn1 = MaskedAttention()
+
+    def forward(self, q, k, v, mask):
+        return self.attn1(q, k, v, mask)
+
+
+def test_a_mask_is_left_with_a_reason():
+    q = k = v = torch.randn(1, 2, 8, 16)
+    mask = torch.ones(8, 8, dtype=torch.bool)
+    config = FP8Config(fallback="emulate", attention=AttentionConfig(targets=("*",)))
+    out, _, decisions = compile_with_pass(Masked(), config, q, k, v, mask)
+    assert [(d.action, d.reason) for d in decisions] == [("skipped", "an attention mask (the FP8 recipes take none)")]
+
+
+def test_without_emulate_the_reason_names_the_missing_kernel():
+    torch.manual_seed(4)
+    x, ctx = inputs()
+    _, _, decisions = compile_with_pass(Block().eval(), FP8Config(attention=AttentionConfig()), x, ctx)
+    assert decisions[0].action == "skipped"
+    assert "no FP8 attention kernel for cpu" in decisions[0].reason and "fallback='emulate'" in decisions[0].reason
+
+
+def test_attention_config_is_checked():
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        AttentionConfig(recipe="fp4")
+    with pytest.raises(TypeError, match="not one string"):
+        AttentionConfig(targets="attn1")
+    with pytest.raises(TypeError, match="AttentionConfig"):
+        FP8Config(attention=True)
+
+
+# ---- through the backend, on diffusers' Wan DiT ----
+
+def wan_inputs():
+    from fp8_fx.wan import latent_shape
+    torch.manual_seed(5)
+    return torch.randn(*latent_shape(5, 64, 64)), torch.tensor([500.0]), torch.randn(1, 16, 64)
+
+
+def run_wan(model, compile_fn, config):
+    from fp8_fx import make_fp8_backend
+    backend = make_fp8_backend(config)
+    x, t, text = wan_inputs()
+    compiled = compile_fn(model, backend)
+    with torch.no_grad():
+        return compiled(x, t, text, return_dict=False)[0], backend
+
+
+def test_wan_self_attention_in_fp8_whole_and_regional():
+    """The report names each attention call with its decision; whole-model and regional
+    compilation agree; FP8 attention moves the output by the recipe's error, no more."""
+    import copy
+    from fp8_fx.wan import build_wan
+    model = build_wan("tiny", dtype=torch.float32).eval()
+    attention = FP8Config(fallback="emulate", attention=AttentionConfig())
+    linears_only = FP8Config(fallback="emulate")
+
+    def whole(m, backend):
+        return torch.compile(m, backend=backend, fullgraph=True)
+
+    def regional(m, backend):
+        m = copy.deepcopy(m)
+        m.compile_repeated_blocks(backend=backend, fullgraph=True)
+        return m
+    y_attn, backend = run_wan(model, whole, attention)
+    assert [(d.qualname, d.action) for d in backend.report.attention] == [
+        ("blocks.0.attn1", "emulate"), ("blocks.0.attn2", "skipped"),
+        ("blocks.1.attn1", "emulate"), ("blocks.1.attn2", "skipped")]
+    assert "attention calls: 2 FP8, 2 skipped" in str(backend.report)
+    torch._dynamo.reset()
+    y_regional, backend = run_wan(model, regional, attention)
+    assert [(d.qualname, d.action) for d in backend.report.attention] == [("attn1", "emulate"), ("attn2", "skipped")]
+    torch._dynamo.reset()
+    y_linears, _ = run_wan(model, whole, linears_only)
+    assert rel_err(y_regional, y_attn) < 5e-3  # other fusions: a few fp8 roundings move
+    moved = rel_err(y_attn, y_linears)
+    assert 1e-4 < moved < 5e-2, moved  # attention really changed, by a recipe-sized amount
+
+
+def test_attention_target_matching_nothing_is_named():
+    from fp8_fx.wan import build_wan
+    model = build_wan("tiny", dtype=torch.float32).eval()
+    config = FP8Config(fallback="emulate", attention=AttentionConfig(targets=("attn1", "atn2")))
+    with pytest.warns(UserWarning, match=r"AttentionConfig.targets entries \['atn2'\]"):
+        run_wan(model, lambda m, b: torch.compile(m, backend=b), config)
