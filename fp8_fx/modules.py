@@ -131,9 +131,11 @@ def convert_to_fp8(model: nn.Module, config: Optional[FP8Config] = None,
 
 
 def fp8_weight_bytes(model: nn.Module) -> Dict[str, int]:
-    """Bytes of FP8 weights + scales, and of everything else, in `model`."""
+    """Bytes this process holds of `model`: FP8 weights + scales, and everything else. A
+    sharded parameter (DTensor: FSDP2, tensor parallel) counts its local shard only."""
     fp8 = rest = 0
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        t = t.to_local() if hasattr(t, "to_local") else t
         nbytes = t.numel() * t.element_size()
         if t.dtype == ops.FP8_DTYPE or name.endswith("weight_scale"):
             fp8 += nbytes

@@ -54,7 +54,8 @@ def _gathers(counter):
 
 def _at_rest_and_on_the_wire(rank, world_size):
     import fp8_fx
-    from fp8_fx.distributed.fsdp import count_all_gathers, local_bytes
+    from fp8_fx import fp8_weight_bytes as local_bytes
+    from fp8_fx.distributed.fsdp import count_all_gathers
     bf16, fp8 = _model(normal_weights=True), _model(normal_weights=True)
     full_weights = {n: fp8.get_submodule(n).weight.detach().clone() for n in targeted_qualnames("diffusers")}
     fp8_fx.convert_to_fp8(fp8)

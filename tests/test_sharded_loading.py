@@ -36,7 +36,8 @@ def _rows_of_rank(t, rank, world_size):
 def _load_sharded(rank, world_size, path):
     from torch.distributed.device_mesh import init_device_mesh
 
-    from fp8_fx.distributed.fsdp import fully_shard_fp8, local_bytes
+    from fp8_fx import fp8_weight_bytes as local_bytes
+    from fp8_fx.distributed.fsdp import fully_shard_fp8
     mesh = init_device_mesh("cpu", (world_size,))
     model = fp8_skeleton(path)  # from the recorded config: meta parameters, no weights read
     assert all(p.is_meta for p in model.parameters())

@@ -37,7 +37,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .. import ops
 from ..modules import FP8Linear
 
 
@@ -88,25 +87,6 @@ def fully_shard_fp8(module: nn.Module, **kwargs):
                                              cast_forward_inputs=False)
             fully_shard(fp8_linears, **{**kwargs, "mp_policy": fp8_policy})
     return fully_shard(module, **kwargs)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a parameter: the local shard of a DTensor, else the tensor."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def local_bytes(model: nn.Module) -> Dict[str, int]:
-    """Bytes this rank holds of `model`'s parameters and buffers (DTensor: the local
-    shard, without FSDP's padding): FP8 weights + their scales, and the rest."""
-    fp8 = rest = 0
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        local = _local(t)
-        nbytes = local.numel() * local.element_size()
-        if local.dtype == ops.FP8_DTYPE or name.endswith("weight_scale"):
-            fp8 += nbytes
-        else:
-            rest += nbytes
-    return {"fp8": fp8, "rest": rest}
 
 
 def _all_gather_base():
