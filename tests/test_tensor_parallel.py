@@ -441,3 +441,34 @@ def test_unsupported_placement_is_left_to_dtensor_with_a_reason(world_2):
 
 def test_two_dimensional_mesh_is_left_to_dtensor_with_a_reason(world_4):
     _check_unsupported(world_4, "mesh_2d", "2-D mesh")
+
+
+def _diffusers_wan_ranks(rank, world_size):
+    from fp8_fx import FP8Config, make_fp8_backend
+    from fp8_fx.distributed.tensor_parallel import parallelize_wan
+    from fp8_fx.wan import build_wan, latent_shape
+    from torch.distributed.device_mesh import init_device_mesh
+    torch.manual_seed(0)
+    model = build_wan("tiny", dtype=torch.float32).eval()
+    x, t, text = torch.randn(*latent_shape(5, 64, 64)), torch.tensor([500.0]), torch.randn(1, 16, 64)
+    config = FP8Config(fallback="emulate", granularity="row")
+    with torch.no_grad():
+        fp32 = model(x, t, text, return_dict=False)[0]
+        one_process = torch.compile(model, backend=make_fp8_backend(config))(x, t, text, return_dict=False)[0]
+        torch._dynamo.reset()
+        parallelize_wan(model, init_device_mesh("cpu", (world_size,)))
+        tp_eager = model(x, t, text, return_dict=False)[0]
+        backend = make_fp8_backend(config)
+        tp_fp8 = torch.compile(model, backend=backend)(x, t, text, return_dict=False)[0]
+    return dict(fp32=fp32, one_process=one_process, tp_eager=tp_eager, tp_fp8=tp_fp8,
+                reasons=[d.reason for d in backend.report if d.converted])
+
+
+def test_diffusers_wan_under_tensor_parallelism_2_ranks():
+    """diffusers' WanTransformer3DModel with parallelize_wan: eager TP is the one-process
+    model; with FP8 (row scales) every rank is within one process's FP8 error of fp32."""
+    for r in run_ranks(_diffusers_wan_ranks, 2):
+        assert rel_err(r["tp_eager"], r["fp32"]) < 1e-5
+        one = rel_err(r["one_process"], r["fp32"])
+        assert 1e-4 < rel_err(r["tp_fp8"], r["fp32"]) < 1.5 * one
+        assert len(r["reasons"]) == 20 and all("tensor-parallel" in why for why in r["reasons"])

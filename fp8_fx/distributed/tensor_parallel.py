@@ -183,3 +183,44 @@ def _register_weight_only_sharding() -> None:
 
 
 _register_weight_only_sharding()
+
+
+def parallelize_wan(transformer, mesh) -> None:
+    """Megatron-style tensor parallelism for diffusers' WanTransformer3DModel, in place:
+    q/k/v and the FFN's first linear column-wise, `to_out.0` and the FFN's second row-wise,
+    each attention left with heads / world_size heads per rank.
+
+    Wan normalizes q and k over all heads (RMSNorm over the whole inner dim), so a rank's
+    slice of q/k cannot be normalized alone: to_q/to_k hand their output on as DTensors,
+    the norm sees it whole (all-gathered, with its weight replicated) and gives the rank
+    its slice back as a plain tensor, as the attention processor expects."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_module
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    ranks = mesh.size()
+    plan = {}
+    for i, block in enumerate(transformer.blocks):
+        for name in ("attn1", "attn2"):
+            attention = getattr(block, name)
+            if attention.heads % ranks:
+                raise ValueError(f"parallelize_wan: blocks.{i}.{name} has {attention.heads} heads, which "
+                                 f"do not split over {ranks} ranks")
+            prefix = f"blocks.{i}.{name}"
+            plan[f"{prefix}.to_q"] = ColwiseParallel(use_local_output=False)
+            plan[f"{prefix}.to_k"] = ColwiseParallel(use_local_output=False)
+            plan[f"{prefix}.to_v"] = ColwiseParallel()
+            plan[f"{prefix}.to_out.0"] = RowwiseParallel()
+        plan[f"blocks.{i}.ffn.net.0.proj"] = ColwiseParallel()
+        plan[f"blocks.{i}.ffn.net.2"] = RowwiseParallel()
+    parallelize_module(transformer, mesh, plan)
+
+    def whole(module, inputs, device_mesh):
+        return tuple(t.redistribute(device_mesh, (Replicate(),)) for t in inputs)
+
+    def rank_slice(module, output, device_mesh):
+        return output.redistribute(device_mesh, (Shard(-1),)).to_local()
+
+    for block in transformer.blocks:
+        for attention in (block.attn1, block.attn2):
+            attention.heads //= ranks
+            for norm in (attention.norm_q, attention.norm_k):
+                distribute_module(norm, mesh, input_fn=whole, output_fn=rank_slice)
