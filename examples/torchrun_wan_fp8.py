@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
         print(f"rank {rank}/{world} (ring {args.ring} x Ulysses {ulysses}, wire {args.wire}, "
               f"{'regional' if args.regional else 'whole'} compile, {args.granularity} scales): "
               f"{converted} FP8 linears, compile + first step {seconds:.1f} s, "
-              f"error vs one process {error:.4%}", flush=True)
+              f"FP8 error vs one process without FP8 {error:.4%}", flush=True)
         return {"rank": rank, "error": error, "output": output.cpu(), "converted": converted,
                 "graphs": len(backend.graphs)}
     finally:

@@ -116,7 +116,8 @@ class FP8Backend:
         if decisions and all(d.reason == "not targeted" for d in decisions):
             warnings.warn(
                 f"fp8_fx: none of the {len(decisions)} linear ops in this graph ({root}) matched the "
-                f"targets {config.targets}; they stay in their original precision. "
+                f"targets {_describe_targets(config.targets)}; they stay in their original precision "
+                "(expected for a graph of embedders only, e.g. after a graph break). "
                 "Check FP8Config.targets against backend.report (qualnames).",
                 stacklevel=3)
             return
@@ -134,12 +135,30 @@ class FP8Backend:
         if attention is None or not decisions:  # a graph without attention calls says nothing
             return
         qualnames = [d.qualname for d in decisions]
+        above = targeting.entries_above_root(qualnames, (*attention.targets, *attention.exclude))
+        if above:
+            raise ValueError(
+                f"fp8_fx: AttentionConfig entries {above} name module paths above this graph's root "
+                f"({root}: its attention calls are {qualnames}). Under regional compilation one graph "
+                "serves every block, so a per-block entry cannot apply: use an in-block entry ('attn1'), "
+                "or compile the whole model (torch.compile(transformer, ...)) for per-block choices.")
+        if self.config.fallback != "emulate" and any("no FP8 attention kernel" in d.reason for d in decisions):
+            warnings.warn(
+                f"fp8_fx: FP8Config.attention is set, but there is no FP8 attention kernel for this device "
+                f"yet: the {len(qualnames)} attention calls of this graph ({root}) stay as they are. "
+                "FP8Config(fallback='emulate') runs the recipe in fp32 (for accuracy, not speed).",
+                stacklevel=3)
         for field in ("targets", "exclude"):
             unmatched = targeting.unmatched_entries(qualnames, getattr(attention, field))
             if unmatched:
                 warnings.warn(
                     f"fp8_fx: AttentionConfig.{field} entries {unmatched} matched none of this graph's "
                     f"attention calls ({root}: {qualnames}); a typo?", stacklevel=3)
+
+
+def _describe_targets(targets) -> str:
+    from .config import WAN_TARGETS
+    return "(the Wan preset, FP8Config.targets default)" if tuple(targets) == WAN_TARGETS else str(targets)
 
 
 def _fake_modes(gm: torch.fx.GraphModule) -> list:

@@ -69,7 +69,9 @@ class AttentionConfig:
     targets: attention module paths, matched as FP8Config.targets are. Default: Wan's
         self-attention `attn1`; cross-attention (`attn2`, 512 text keys, ~1% of the
         time) stays in bf16, where quantizing would cost more than it saves.
-    exclude: never converted; exclude wins (e.g. the first and last blocks).
+    exclude: never converted; exclude wins. Per-block entries (`blocks.0.attn1`: keep the
+        first block's attention in bf16) need a whole-model compile: under regional
+        compilation one graph serves every block, and such entries are refused.
     """
 
     recipe: AttentionRecipe = "smooth_int8"

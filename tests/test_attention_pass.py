@@ -210,3 +210,23 @@ def test_attention_target_matching_nothing_is_named():
     config = FP8Config(fallback="emulate", attention=AttentionConfig(targets=("attn1", "atn2")))
     with pytest.warns(UserWarning, match=r"AttentionConfig.targets entries \['atn2'\]"):
         run_wan(model, lambda m, b: torch.compile(m, backend=b), config)
+
+
+def test_per_block_attention_entries_under_regional_compilation_are_refused():
+    from fp8_fx.wan import build_wan
+    model = build_wan("tiny", dtype=torch.float32).eval()
+    config = FP8Config(fallback="emulate", attention=AttentionConfig(exclude=("blocks.0.attn1",)))
+
+    def regional(m, backend):
+        m.compile_repeated_blocks(backend=backend, fullgraph=True)
+        return m
+    with pytest.raises(Exception, match=r"blocks\.0\.attn1.*regional compilation"):
+        run_wan(model, regional, config)
+
+
+def test_attention_asked_for_without_a_kernel_warns():
+    from fp8_fx.wan import build_wan
+    model = build_wan("tiny", dtype=torch.float32).eval()
+    with pytest.warns(UserWarning, match="no FP8 attention kernel for this device yet"):
+        _, backend = run_wan(model, lambda m, b: torch.compile(m, backend=b), FP8Config(attention=AttentionConfig()))
+    assert not any(d.converted for d in backend.report.attention)

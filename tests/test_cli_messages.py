@@ -128,7 +128,7 @@ def test_demo_labels_the_baseline_by_its_dtype(monkeypatch, tmp_path, capsys):
     out = tmp_path / "demo.json"
     assert demo_main(["--dtype", "fp32", "--json", str(out), *TINY]) == 0
     printed = capsys.readouterr().out
-    assert "  fp32 compiled" in printed and "speedup fp8 vs fp32" in printed
+    assert "  fp32 compiled" in printed and "speedup" not in printed  # on CPU: the emulation, no speed claim
     assert "Fidelity of FP8 against fp32" in printed and "bf16" not in printed.split("Time per step")[1]
     r = json.loads(out.read_text())
     assert r["baseline"] == r["baseline_dtype"] == "fp32" and r["fp8_weights_at_rest"] is False

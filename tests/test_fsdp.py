@@ -199,3 +199,10 @@ def _check_mixed_precision_and_order(result):
     assert total_fp8 < 0.6 * total
     assert "blocks.0.attn1.to_q is already sharded by fully_shard" in result["convert_after_shard"]
     assert "Convert first, then fully_shard" in result["convert_after_shard"]
+
+
+def test_fully_shard_fp8_on_a_model_without_fp8_weights_says_so():
+    from fp8_fx.distributed.fsdp import fully_shard_fp8
+    # The warning comes before fully_shard, which then fails here: no process group.
+    with pytest.warns(UserWarning, match="holds no FP8Linear.*convert_to_fp8"), pytest.raises(Exception):
+        fully_shard_fp8(torch.nn.Sequential(torch.nn.Linear(16, 16)))

@@ -31,6 +31,7 @@ per call, of FP8 bytes), and the rest of the module gets the policy as given.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Dict, List
 
 import torch
@@ -76,6 +77,10 @@ def fully_shard_fp8(module: nn.Module, **kwargs):
     policy has no param_dtype (reduce_dtype etc. kept): FSDP2 has no per-parameter
     dtype, and casting FP8 to bf16 would double the all-gather and unsharded bytes."""
     _, MixedPrecisionPolicy, fully_shard = _fsdp()
+    if not any(isinstance(m, FP8Linear) for m in module.modules()):
+        warnings.warn(f"fully_shard_fp8: {type(module).__name__} holds no FP8Linear, so its weights are "
+                      "sharded and all-gathered in their own dtype; call fp8_fx.convert_to_fp8(model) "
+                      "before sharding for FP8 weights at rest", stacklevel=2)
     policy = kwargs.get("mp_policy")
     if policy is not None and policy.param_dtype is not None:
         fp8_linears = _unsharded_fp8_linears(module)
