@@ -104,15 +104,10 @@ class FP8Backend:
         # A root-level linear (compiling an nn.Linear itself) has the path "" and is
         # targeted by "*"; F.linear outside any module has no path and matches nothing.
         qualnames = [d.qualname for d in decisions if not d.reason.startswith("no module path")]
-        above = targeting.entries_above_root(qualnames, (*config.targets, *config.exclude))
-        if above:
-            raise ValueError(
-                f"fp8_fx: {above} name module paths above this graph's root ({root or 'no module'}: "
-                f"its paths look like {next((q for q in qualnames if q), '')!r}). Under regional "
-                "compilation (compile_repeated_blocks) one graph serves every block, so a per-block "
-                "entry cannot apply. Use an in-block entry ('ffn.net.2'), compile the whole model, "
-                "or convert_to_fp8(model, FP8Config(exclude=...)) before compiling (it sees full paths) and "
-                "compile with FP8Config(targets=()), so that only the converted layers run in FP8.")
+        _refuse_above_root(config, qualnames, root, (
+            "Use an in-block entry ('ffn.net.2'), compile the whole model, or "
+            "convert_to_fp8(model, FP8Config(exclude=...)) before compiling (it sees full paths) and "
+            "compile with FP8Config(targets=()), so that only the converted layers run in FP8."))
         if decisions and all(d.reason == "not targeted" for d in decisions):
             warnings.warn(
                 f"fp8_fx: none of the {len(decisions)} linear ops in this graph ({root}) matched the "
@@ -121,39 +116,45 @@ class FP8Backend:
                 "Check FP8Config.targets against backend.report (qualnames).",
                 stacklevel=3)
             return
-        for field in ("targets", "exclude"):
-            unmatched = targeting.unmatched_entries(qualnames, getattr(config, field))
-            if unmatched:
-                warnings.warn(
-                    f"fp8_fx: FP8Config.{field} entries {unmatched} matched no linear op in this graph "
-                    f"({root}); a typo? The graph's module paths are in backend.report.",
-                    stacklevel=3)
-
+        _warn_unmatched(config, qualnames, "linear op", root)
 
     def _check_attention_entries(self, decisions, root: str) -> None:
         attention = self.config.attention
         if attention is None or not decisions:  # a graph without attention calls says nothing
             return
         qualnames = [d.qualname for d in decisions]
-        above = targeting.entries_above_root(qualnames, (*attention.targets, *attention.exclude))
-        if above:
-            raise ValueError(
-                f"fp8_fx: AttentionConfig entries {above} name module paths above this graph's root "
-                f"({root}: its attention calls are {qualnames}). Under regional compilation one graph "
-                "serves every block, so a per-block entry cannot apply: use an in-block entry ('attn1'), "
-                "or compile the whole model (torch.compile(transformer, ...)) for per-block choices.")
+        _refuse_above_root(attention, qualnames, root, (
+            "Use an in-block entry ('attn1'), or compile the whole model (torch.compile(transformer, "
+            "...)) for per-block choices."))
         if self.config.fallback != "emulate" and any("no FP8 attention kernel" in d.reason for d in decisions):
             warnings.warn(
                 f"fp8_fx: FP8Config.attention is set, but there is no FP8 attention kernel for this device "
                 f"yet: the {len(qualnames)} attention calls of this graph ({root}) stay as they are. "
                 "FP8Config(fallback='emulate') runs the recipe in fp32 (for accuracy, not speed).",
                 stacklevel=3)
-        for field in ("targets", "exclude"):
-            unmatched = targeting.unmatched_entries(qualnames, getattr(attention, field))
-            if unmatched:
-                warnings.warn(
-                    f"fp8_fx: AttentionConfig.{field} entries {unmatched} matched none of this graph's "
-                    f"attention calls ({root}: {qualnames}); a typo?", stacklevel=3)
+        _warn_unmatched(attention, qualnames, "attention call", root)
+
+
+def _refuse_above_root(config, qualnames, root: str, advice: str) -> None:
+    """Entries naming paths above the graph's root (per-block entries under regional
+    compilation) cannot apply to it: an error that says so and what to do instead."""
+    above = targeting.entries_above_root(qualnames, (*config.targets, *config.exclude))
+    if above:
+        raise ValueError(
+            f"fp8_fx: {type(config).__name__} entries {above} name module paths above this graph's root "
+            f"({root or 'no module'}: its paths look like {next((q for q in qualnames if q), '')!r}). "
+            "Under regional compilation (compile_repeated_blocks) one graph serves every block, so a "
+            f"per-block entry cannot apply. {advice}")
+
+
+def _warn_unmatched(config, qualnames, what: str, root: str) -> None:
+    """Name each entry of config.targets / config.exclude that matched none of qualnames."""
+    for field in ("targets", "exclude"):
+        unmatched = targeting.unmatched_entries(qualnames, getattr(config, field))
+        if unmatched:
+            warnings.warn(
+                f"fp8_fx: {type(config).__name__}.{field} entries {unmatched} matched no {what} in this "
+                f"graph ({root}); a typo? The graph's module paths are in backend.report.", stacklevel=4)
 
 
 def _describe_targets(targets) -> str:
