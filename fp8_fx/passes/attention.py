@@ -75,10 +75,11 @@ def decide(node: torch.fx.Node, qualname: Optional[str], attention: AttentionCon
     not_targeted = targeting.why_not_targeted(qualname, attention)
     if not_targeted:
         return "skipped", not_targeted
-    why_not = why_not_fp8_attention(sdpa_arguments(node))
+    args = sdpa_arguments(node)
+    why_not = why_not_fp8_attention(args)
     if why_not:
         return "skipped", why_not
-    device = example_value(sdpa_arguments(node)["query"]).device
+    device = example_value(args["query"]).device
     if fallback == "emulate":
         return "emulate", f"recipe {attention.recipe!r}, emulated in fp32 (fallback='emulate')"
     return "skipped", (f"no FP8 attention kernel for {device.type} yet (FP8Config(fallback='emulate') "
