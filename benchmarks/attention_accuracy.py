@@ -5,9 +5,11 @@ attention (CPU, fp32 emulation of each recipe; no GPU needed).
 
 Each case draws Q, K, V (batch 1, 2 heads, head dim 128, Wan's) and prints the relative
 error ||O - O_fp64|| / ||O_fp64|| of: bf16 SDPA (the baseline's own error), each shipped
-recipe (fp8_fx.attention_recipes), and the "tensor" recipe with other output scales
-(O's exact amax, as delayed scaling would approach; no FP8 output at all, as on
-Blackwell) to show what the V-bound output scale costs.
+recipe (fp8_fx.attention_recipes: "tensor" with and without the Q/K rotation,
+"smooth_int8"), per-tensor FP8 without K smoothing (what the smoothing buys), and the
+"tensor" recipe with other output scales (O's exact amax, as delayed scaling would
+approach; no FP8 output at all, as on Blackwell) to show what the V-bound output scale
+costs.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fp8_fx import ops
-from fp8_fx.attention_recipes import emulated_fp8_attention
+from fp8_fx.attention_recipes import attention, emulated_fp8_attention
 
 HEAD_DIM = 128
 
@@ -54,12 +56,19 @@ def rel(a, b) -> float:
 def variants(q, k, v):
     scale = 1.0 / math.sqrt(q.shape[-1])
     out = {"bf16 SDPA": F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16()).float()}
-    for recipe in ("tensor", "smooth_int8"):
-        quantized = torch.ops.fp8_fx.quantize_attention_inputs(q, k, v, recipe)
-        out[f"fp8 {recipe}"] = emulated_fp8_attention(*quantized, scale, recipe, torch.float32)
-    # "tensor" inputs without the FP8 output: the emulation writes O unquantized for any
-    # recipe but "tensor", so pass the tensor-quantized inputs under the other name.
-    tensor_inputs = torch.ops.fp8_fx.quantize_attention_inputs(q, k, v, "tensor")
+    for name, recipe, rotate in (("fp8 tensor (default: rotated)", "tensor", True),
+                                 ("fp8 tensor, not rotated", "tensor", False),
+                                 ("fp8 smooth_int8", "smooth_int8", False)):
+        out[name] = attention(q, k, v, recipe, rotate=rotate).float()
+    # Per-tensor FP8 with K as it is (the recipes smooth K): written out with the recipe's rule.
+    qs, ks, vs = (ops.amax_to_scale(t.abs().amax()) for t in (q, k, v))
+    s = (ops.cast_to_fp8(q, qs).float() * qs) @ (ops.cast_to_fp8(k, ks).float() * ks).transpose(-1, -2) * scale
+    p = torch.exp(s - s.amax(dim=-1, keepdim=True))
+    o = ((p * ops.FP8_MAX).to(ops.FP8_DTYPE).float() / ops.FP8_MAX) @ (ops.cast_to_fp8(v, vs).float() * vs)
+    out["fp8 per-tensor, K not smoothed"] = ops.cast_to_fp8(o / p.sum(dim=-1, keepdim=True), vs).float() * vs
+    # "tensor" (rotated) inputs without the FP8 output: the emulation writes O unquantized
+    # for any recipe but "tensor", so pass the tensor-quantized inputs under the other name.
+    tensor_inputs = torch.ops.fp8_fx.quantize_attention_inputs(q, k, v, "tensor", True)
     o = emulated_fp8_attention(*tensor_inputs, scale, "smooth_int8", torch.float32)
     out["fp8 tensor, O not quantized"] = o
     oq, os_ = ops.quantize(o, "tensor")  # O's exact amax: the best a per-tensor O scale can do

@@ -38,6 +38,7 @@ TEXT_TOKENS = 512
 VARIANTS = ("bf16_eager", "bf16_compile", "fp8_fx_tensor", "fp8_fx_row", "fp8_fx_tensor_gpu_load",
             "fp8_fx_row_gpu_load", "fp8_fx_tensor_tuned", "fp8_fx_row_tuned", "fp8_fx_tensor_inductor",
             "fp8_fx_row_inductor", "fp8_fx_tensor_recompute", "fp8_fx_row_recompute", "fp8_fx_static",
+            "fp8_fx_attn_tensor", "fp8_fx_attn_tensor_norot", "fp8_fx_attn_row",
             "torchao_tensor", "torchao_row")
 # Inductor options for fp8_fx variants by name suffix, passed to that backend's graphs only.
 INDUCTOR_PATCHES = {
@@ -140,7 +141,9 @@ def make_variant(name, gpu_net, cpu_net, regional=False, amax=None):
     regional (full DiT only): every variant compiles its repeated blocks only; that compiles
     the shared bf16 model in place, so bf16_eager and *_gpu_load are refused with it.
     fp8_fx_static: tensor-wise with static input scales from `amax` (calibrated on the bf16
-    model run eagerly on other random inputs than the timed ones)."""
+    model run eagerly on other random inputs than the timed ones).
+    fp8_fx_attn_<granularity>: FP8 linears of that granularity and FP8 self-attention
+    (AttentionConfig(): recipe "tensor", cuDNN's kernel); _norot without the Q/K rotation."""
     if name == "bf16_eager":
         return gpu_net(), None
     if name == "bf16_compile":
@@ -152,9 +155,14 @@ def make_variant(name, gpu_net, cpu_net, regional=False, amax=None):
         backend = fp8_fx.make_fp8_backend()
         return compile_net(net, backend, regional), backend
     if name.startswith("fp8_fx_"):
+        attention = None
+        if name.startswith("fp8_fx_attn_"):
+            attention = fp8_fx.AttentionConfig(recipe="tensor", rotate=not name.endswith("_norot"))
+            name = name.replace("_attn", "").replace("_norot", "")
         granularity = name.split("_")[2]
         # *_inductor: every activation quantized by Inductor's kernels (no triton_quantize)
-        config = fp8_fx.FP8Config(granularity=granularity, triton_quantize=not name.endswith("_inductor"))
+        config = fp8_fx.FP8Config(granularity=granularity, triton_quantize=not name.endswith("_inductor"),
+                                  attention=attention)
         patches = next((p for suffix, p in INDUCTOR_PATCHES.items() if name.endswith(suffix)), None)
         backend = fp8_fx.make_fp8_backend(config, inductor_config_patches=patches)
         if name.endswith("_gpu_load"):

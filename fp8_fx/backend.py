@@ -9,15 +9,17 @@ Inductor options come as config patches for this backend's graphs only: `mode` a
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
 from torch._inductor.compile_fx import compile_fx
 
-from . import targeting, weight_cache
+from . import presets, targeting, weight_cache
 from .config import FP8Config
+from .denoising_steps import DenoisingSteps
 from .passes import FP8Pass, cache_key_patch, run_passes
 from .passes.fx_utils import copy_dynamo_graph_module
 from .passes.attention import AttentionPass
@@ -40,17 +42,31 @@ class FP8Backend:
         self.name = name
         self.report = Report()
         self.graphs: List[torch.fx.GraphModule] = []
+        self.steps = DenoisingSteps(self.config.attention)
+        self._fallbacks_warned: set = set()
 
     def __repr__(self) -> str:
         c = self.config  # short: Dynamo prints this in every error message
         name = f"name={self.name!r}, " if self.name else ""
+        targets = f"preset {c.preset!r}" if c.preset else f"{len(c.targets)} targets"
         return (f"FP8Backend({name}granularity={c.granularity!r}, fallback={c.fallback!r}, "
-                f"{len(c.targets)} targets, {len(c.exclude)} excluded)")
+                f"{targets}, {len(c.exclude)} excluded)")
 
-    def passes(self) -> List[FP8Pass]:
+    def passes(self, config: Optional[FP8Config] = None) -> List[FP8Pass]:
+        config = config or self.config
         # Attention first: the linear pass then sees fp8_attention's output as a library
         # kernel's, as it saw SDPA's. Without FP8Config.attention it changes nothing.
-        return [AttentionPass(self.config), LinearPass(self.config)]
+        return [AttentionPass(config), LinearPass(config)]
+
+    def set_step(self, step: int, num_steps: Optional[int] = None) -> None:
+        """The denoising step the next forwards belong to (of num_steps): with
+        AttentionConfig.bf16_first_steps / bf16_last_steps, it picks their attention."""
+        self.steps.set(step, num_steps)
+
+    def step_callback(self, pipe: Any, step: int, timestep: Any, callback_kwargs: Dict) -> Dict:
+        """`pipe(..., callback_on_step_end=backend.step_callback)`: a diffusers pipeline
+        tells the backend each step (see denoising_steps.py)."""
+        return self.steps.diffusers_callback(pipe, step, timestep, callback_kwargs)
 
     # Named clear(), not reset(): torch._dynamo.reset() calls reset() on every backend
     # it has cached, and a report must outlive the compiled code it describes.
@@ -62,14 +78,23 @@ class FP8Backend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
                  mode: Optional[str] = None, options: Optional[Dict[str, Any]] = None) -> Callable:
         patches = _inductor_patches(mode, options, self.inductor_config_patches)
-        passes = self.passes()
+        root_class, root = _traced_root()
+        # The preset for this graph (FP8Config.preset), chosen from the classes it traced:
+        # the passes then see its entries as the targets (a block's own under regional
+        # compilation), and the cache key sees them too.
+        choice = presets.resolve(self.config.preset, root_class, _module_classes(gm))
+        config = self.config if choice is None else dataclasses.replace(
+            self.config, preset=None, targets=choice.targets)
+        passes = self.passes(config)
+        as_written = copy_dynamo_graph_module(gm) if self.steps.active else None  # bf16-attention steps
         gm = copy_dynamo_graph_module(gm)  # Dynamo reads its own graph after we return
         attention, linear = run_passes(passes, gm)
-        self.report.add_graph(_graph_info(gm, len(self.graphs), self.name), linear.decisions,
+        self.report.add_graph(_graph_info(len(self.graphs), self.name, root, choice), linear.decisions,
                               attention.decisions)
         self.graphs.append(gm)
-        self._check_entries(linear.decisions, _root(gm))
-        self._check_attention_entries(attention.decisions, _root(gm))
+        self._warn_fallback(choice)
+        self._check_entries(linear.decisions, root, config, choice)
+        self._check_attention_entries(attention.decisions, root)
         if any(d.converted for d in [*linear.decisions, *attention.decisions]) and torch.is_grad_enabled():
             raise RuntimeError(
                 "fp8_fx is inference-only (its FP8 ops have no backward). Call the compiled "
@@ -88,35 +113,68 @@ class FP8Backend:
         # backend.graphs shows the rewritten graph as the passes left it.
         compiled = compile_fx(copy_dynamo_graph_module(gm), [*example_inputs, *example_fp8],
                               config_patches=cache_key_patch(passes, patches))
+        bf16_attention = None
+        if as_written is not None and any(d.converted for d in attention.decisions):
+            # The same graph with attention as the model wrote it, for the steps that keep
+            # it (AttentionConfig.bf16_first/last_steps): the same linears, the same inputs.
+            linear_only = [LinearPass(config)]
+            (plain,) = run_passes(linear_only, as_written)
+            if plain.weight_slots != slots:
+                raise RuntimeError("fp8_fx internal error: the bf16-attention graph has other FP8 weights")
+            bf16_attention = compile_fx(as_written, [*example_inputs, *example_fp8],
+                                        config_patches=cache_key_patch(linear_only, patches))
         unforgotten = _fake_modes(gm)  # until the first call: Dynamo is done with them then
+        steps = self.steps
 
         def run_with_fp8_weights(*args):
             while unforgotten:
                 _forget_real_inputs(unforgotten.pop())
+            run = compiled
+            if bf16_attention is not None:  # picked per call: no guard, no recompile per step
+                fp8 = steps.fp8_attention_now()
+                steps.count(fp8)
+                run = compiled if fp8 else bf16_attention
             # Dynamo calls compiled graphs unboxed: compiled_fn(*args).
-            return compiled(*args, *weight_cache.quantized_inputs(args, slots))
+            return run(*args, *weight_cache.quantized_inputs(args, slots))
 
         return run_with_fp8_weights
 
-    def _check_entries(self, decisions, root: str) -> None:
-        """Targets and excludes that cannot apply to this graph are named, never ignored."""
-        config = self.config
+    def _warn_fallback(self, choice: Optional[presets.Choice]) -> None:
+        """No preset knew the graph's classes: say so once per set of classes."""
+        if choice is None or not choice.fallback or choice.why in self._fallbacks_warned:
+            return
+        self._fallbacks_warned.add(choice.why)
+        warnings.warn(
+            f"fp8_fx: no target preset knows this graph's classes ({', '.join(choice.seen)}); using the "
+            "Wan preset, whose names (to_q, attn1.to_out.0, ffn.net.2, ...) may convert only part of another "
+            "model's attention and FFN layers. Choose a preset with FP8Config(preset=...) (one of "
+            f"{', '.join(presets.PRESETS)}) or list the layers to convert with FP8Config(targets=...): "
+            "backend.report shows this graph's module paths.", stacklevel=4)
+
+    def _check_entries(self, decisions, root: str, config: FP8Config,
+                       choice: Optional[presets.Choice] = None) -> None:
+        """Targets and excludes that cannot apply to this graph are named, never ignored.
+        A preset's entries are fp8_fx's, not the user's: most never match one graph."""
         # A root-level linear (compiling an nn.Linear itself) has the path "" and is
         # targeted by "*"; F.linear outside any module has no path and matches nothing.
         qualnames = [d.qualname for d in decisions if not d.reason.startswith("no module path")]
+        users = (*(config.targets if choice is None else ()), *config.exclude)
         _refuse_above_root(config, qualnames, root, (
             "Use an in-block entry ('ffn.net.2'), compile the whole model, or "
             "convert_to_fp8(model, FP8Config(exclude=...)) before compiling (it sees full paths) and "
-            "compile with FP8Config(targets=()), so that only the converted layers run in FP8."))
+            "compile with FP8Config(targets=()), so that only the converted layers run in FP8."), users)
         if decisions and all(d.reason == "not targeted" for d in decisions):
+            if choice is not None and not choice.targets:
+                return  # the preset knows this module converts nothing (HunyuanVideo's token refiner)
             warnings.warn(
                 f"fp8_fx: none of the {len(decisions)} linear ops in this graph ({root}) matched the "
-                f"targets {_describe_targets(config.targets)}; they stay in their original precision "
-                "(expected for a graph of embedders only, e.g. after a graph break). "
+                f"targets {_describe_targets(config.targets, choice)}; they stay in their original "
+                "precision (expected for a graph of embedders only, e.g. after a graph break). "
                 "Check FP8Config.targets against backend.report (qualnames).",
                 stacklevel=3)
             return
-        _warn_unmatched(config, qualnames, "linear op", root)
+        _warn_unmatched(config, qualnames, "linear op", root,
+                        ("targets", "exclude") if choice is None else ("exclude",))
 
     def _check_attention_entries(self, decisions, root: str) -> None:
         attention = self.config.attention
@@ -135,10 +193,12 @@ class FP8Backend:
         _warn_unmatched(attention, qualnames, "attention call", root)
 
 
-def _refuse_above_root(config, qualnames, root: str, advice: str) -> None:
+def _refuse_above_root(config, qualnames, root: str, advice: str, entries=None) -> None:
     """Entries naming paths above the graph's root (per-block entries under regional
-    compilation) cannot apply to it: an error that says so and what to do instead."""
-    above = targeting.entries_above_root(qualnames, (*config.targets, *config.exclude))
+    compilation) cannot apply to it: an error that says so and what to do instead.
+    `entries`: those to check (default: the config's targets and excludes)."""
+    entries = (*config.targets, *config.exclude) if entries is None else entries
+    above = targeting.entries_above_root(qualnames, entries)
     if above:
         raise ValueError(
             f"fp8_fx: {type(config).__name__} entries {above} name module paths above this graph's root "
@@ -147,9 +207,9 @@ def _refuse_above_root(config, qualnames, root: str, advice: str) -> None:
             f"per-block entry cannot apply. {advice}")
 
 
-def _warn_unmatched(config, qualnames, what: str, root: str) -> None:
+def _warn_unmatched(config, qualnames, what: str, root: str, fields=("targets", "exclude")) -> None:
     """Name each entry of config.targets / config.exclude that matched none of qualnames."""
-    for field in ("targets", "exclude"):
+    for field in fields:
         unmatched = targeting.unmatched_entries(qualnames, getattr(config, field))
         if unmatched:
             warnings.warn(
@@ -157,9 +217,8 @@ def _warn_unmatched(config, qualnames, what: str, root: str) -> None:
                 f"graph ({root}); a typo? The graph's module paths are in backend.report.", stacklevel=4)
 
 
-def _describe_targets(targets) -> str:
-    from .config import WAN_TARGETS
-    return "(the Wan preset, FP8Config.targets default)" if tuple(targets) == WAN_TARGETS else str(targets)
+def _describe_targets(targets, choice: Optional[presets.Choice] = None) -> str:
+    return f"of the {choice.preset.name!r} preset ({choice.why})" if choice is not None else str(targets)
 
 
 def _fake_modes(gm: torch.fx.GraphModule) -> list:
@@ -212,10 +271,11 @@ def _check_inductor_keys(patches: Dict[str, Any], where: str) -> None:
                          "those of torch._inductor.config (e.g. 'max_autotune', 'triton.cudagraphs')")
 
 
-def _root(gm: torch.fx.GraphModule) -> str:
-    """The class of the module Dynamo traced (the model, or a block under regional
-    compilation), or the traced function's name. Dynamo's tracer is private API: on a
-    torch where it moved this says "" rather than fail a compile."""
+def _traced_root() -> Tuple[Optional[type], str]:
+    """(class, label) of the module Dynamo traced (the model, or a block under regional
+    compilation); (None, the function's name) for a function. Dynamo's tracer is private
+    API: on a torch where it moved this says (None, "") rather than fail a compile (the
+    preset is then chosen from the graph's module classes alone)."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
         tx = InstructionTranslator.current_tx()
@@ -223,16 +283,27 @@ def _root(gm: torch.fx.GraphModule) -> str:
         # The module is forward's first argument, whatever it is called.
         first = tx.f_locals.get(code.co_varnames[0]) if code.co_argcount else None
         if isinstance(first, torch.nn.Module):
-            return type(first).__name__
-        return code.co_name
-    except Exception:  # noqa: BLE001 - a label only
-        return ""
+            return type(first), type(first).__name__
+        return None, code.co_name
+    except Exception:  # noqa: BLE001 - a label and a hint only
+        return None, ""
 
 
-def _graph_info(gm: torch.fx.GraphModule, index: int, name: str) -> GraphInfo:
+def _module_classes(gm: torch.fx.GraphModule) -> List[Any]:
+    """The module classes the graph's ops came from (nn_module_stack: (path, class) pairs),
+    each once, outermost first, in graph order."""
+    classes: Dict[Any, None] = {}
+    for node in gm.graph.nodes:
+        for _path, cls in (node.meta.get("nn_module_stack") or {}).values():
+            classes.setdefault(cls, None)
+    return list(classes)
+
+
+def _graph_info(index: int, name: str, root: str, choice: Optional[presets.Choice]) -> GraphInfo:
     compile_id = torch._guards.CompileContext.current_compile_id()
     return GraphInfo(index=index, compile_id=str(compile_id) if compile_id is not None else "-",
-                     root=_root(gm), model=name)
+                     root=root, model=name, preset=choice.preset.name if choice else "",
+                     preset_why=choice.why if choice else "")
 
 
 def _check_no_meta_weights(slots, example_inputs: Sequence[Any]) -> None:

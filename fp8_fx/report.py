@@ -21,10 +21,21 @@ class GraphInfo:
     compile_id: str  # Dynamo's, e.g. "0/1" (frame 0, its second compile: a recompile)
     root: str  # the module class Dynamo traced ("" if none)
     model: str = ""  # the backend's name, if given (make_fp8_backend(name=...))
+    preset: str = ""  # the target preset the graph was matched against ("": the config's own targets)
+    preset_why: str = ""  # "from FluxTransformer2DModel", "FP8Config(preset='flux')" or the fallback's reason
 
     def __str__(self) -> str:
         name = f"{self.model}: " if self.model else ""
         return f"graph {self.index} ({name}{self.root or 'no module'}, compile {self.compile_id})"
+
+    @property
+    def preset_line(self) -> str:
+        """The line above the graph's table that names its preset. Empty for the Wan preset:
+        fp8_fx's only targets before presets, its tables read as they always did (the
+        fallback to it warns when it happens)."""
+        if not self.preset or self.preset == "wan":
+            return ""
+        return f"preset: {self.preset} ({self.preset_why})" if self.preset_why else f"preset: {self.preset}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +55,7 @@ class LinearDecision:
 @dataclasses.dataclass(frozen=True)
 class AttentionDecision:
     qualname: str  # the attention module's path ("blocks.0.attn1"), "" outside any module
-    action: Literal["emulate", "skipped"]
+    action: Literal["cudnn", "emulate", "skipped"]  # the kernel, or skipped
     reason: str
     recipe: str
     graph: Optional[GraphInfo] = None
@@ -102,8 +113,9 @@ class Report:
         return [d for d in self.records if d.action == action]
 
     def __str__(self) -> str:
-        tables = [format_table(g) + (f"\n{format_attention_table(a)}" if a else "")
-                  for g, a in zip(self._graphs, self._attention)]
+        tables = [(f"{info.preset_line}\n" if info.preset_line else "") + format_table(g)
+                  + (f"\n{format_attention_table(a)}" if a else "")
+                  for info, g, a in zip(self._infos, self._graphs, self._attention)]
         if len(tables) == 1:
             return tables[0]
         return "\n\n".join(f"{info}:\n{t}" for info, t in zip(self._infos, tables)) or format_table([])

@@ -20,6 +20,7 @@ from typing import Iterable, List, Optional
 
 import torch
 
+from . import presets
 from .config import FP8Config, WAN_I2V_IMAGE_KV_TARGETS, WAN_TARGETS
 
 GLOB_CHARS = "*?["
@@ -27,6 +28,9 @@ FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # The presets list the names of three codebases at once: most never match one model, so
 # their entries are not reported one by one (a graph where no target matched still is).
 PRESET_ENTRIES = frozenset(WAN_TARGETS + WAN_I2V_IMAGE_KV_TARGETS)
+# Every preset's full-path entries: copied into targets of your own (to add a layer to a
+# preset), one a graph lacks (fused `to_qkv`, a model without `ff_context`) is no typo.
+QUIET_ENTRIES = PRESET_ENTRIES | {t for p in presets.PRESETS.values() for t in p.targets}
 
 
 def is_pattern(entry: str) -> bool:
@@ -78,7 +82,7 @@ def unmatched_entries(qualnames: Iterable[str], entries: Iterable[str]) -> List[
     """The user's entries (not the presets') that match none of `qualnames` ("" is the
     root module's path: a pattern such as "*" matches it)."""
     names = list(qualnames)
-    return [e for e in entries if e not in PRESET_ENTRIES and not any(entry_matches(q, e) for q in names)]
+    return [e for e in entries if e not in QUIET_ENTRIES and not any(entry_matches(q, e) for q in names)]
 
 
 def entries_above_root(qualnames: Iterable[str], entries: Iterable[str]) -> List[str]:

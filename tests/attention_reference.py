@@ -36,15 +36,31 @@ def _per_token_block_scale(x, maximum, min_scale, block=64):
     return out
 
 
-def recipe_attention(q, k, v, recipe, softmax_scale=None):
-    q, k, v = q.float(), k.float(), v.float()
-    """The recipe in float64. "tensor": Q, K, V on the e4m3 grid, one scale each; O on V's
-    grid. "smooth_int8": K minus its token mean; Q, K on the int8 grid (scale = block amax
+def hadamard(n):
+    """The n x n Sylvester Hadamard matrix / sqrt(n), float64."""
+    h = torch.ones((1, 1), dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], dim=1), torch.cat([h, -h], dim=1)], dim=0)
+    return h / math.sqrt(n)
+
+
+def recipe_attention(q, k, v, recipe, softmax_scale=None, rotate=False):
+    """The recipe in float64. "tensor": K minus its token mean, then (rotate) Q and K times
+    the +-1 Hadamard matrix, rounded to the inputs' dtype (a GEMM's output), over sqrt(D);
+    Q, K, V on the e4m3 grid, one scale each; O on V's grid. "smooth_int8": K minus its token mean; Q, K on the int8 grid (scale = block amax
     / 127, blocks of 64 tokens); V on the e4m3 grid per channel. Both: P~ = exp(S - rowmax)
     put on the e4m3 grid at a fixed scale 1/448, divided by the rowsum of the unquantized P~."""
     softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    dtype = q.dtype
     q, k, v = q.double(), k.double(), v.double()
     if recipe == "tensor":
+        k = (k.float() - k.float().mean(dim=-2, keepdim=True)).double()
+        if rotate:
+            # The recipe's GEMM as torch computes one in the model's dtype: a float64 GEMM
+            # rounded once differs from it by ulps, enough to flip an e4m3 code or two.
+            d = q.shape[-1]
+            h = (hadamard(d) * math.sqrt(d)).to(dtype)  # +-1
+            q, k = (((t.to(dtype) @ h).float() * d ** -0.5).double() for t in (q, k))
         qs, ks, vs = (_scale(t.abs().amax()) for t in (q, k, v))
         qd, kd = _on_grid(q, qs), _on_grid(k, ks)
     elif recipe == "smooth_int8":

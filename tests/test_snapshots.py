@@ -248,11 +248,12 @@ attn1.to_q      emulate  32  32   no FP8 tensor cores on cpu: fallback='emulate'
 attn1.to_out.0  emulate  32  32   no FP8 tensor cores on cpu: fallback='emulate'
 (2 linears: 2 emulate)
 attention  action   reason
-attn1      emulate  recipe 'smooth_int8', emulated in fp32 (fallback='emulate')
+attn1      emulate  recipe 'tensor', Q/K rotated, emulated in fp32 (fallback='emulate'; no FP8 attention kernel for cpu)
 (1 attention calls: 1 FP8, 0 skipped)
 l_x__quantized = torch.ops.fp8_fx.quantize.default(l_x_, 'tensor')
 attn1_to_q = torch.ops.fp8_fx.emulated_scaled_mm.default(l_x__fp8, l_x__scale, attn1_to_q_weight_fp8, attn1_to_q_weight_scale, l_self_modules_attn1_modules_to_q_parameters_bias_, torch.float32)
-attn1_qkv_quantized = torch.ops.fp8_fx.quantize_attention_inputs.default(q, q, q, 'smooth_int8')
-attn1_fp8_attention = torch.ops.fp8_fx.fp8_attention.default(attn1_q8, attn1_q_scale, attn1_k8, attn1_k_scale, attn1_v8, attn1_v_scale, 0.25, 'smooth_int8', torch.float32)
+attn1_qkv_quantized = torch.ops.fp8_fx.quantize_attention_inputs.default(q, q, q, 'tensor', True)
+attn1_fp8_attention = torch.ops.fp8_fx.fp8_attention.default(attn1_q8, attn1_q_scale, attn1_k8, attn1_k_scale, attn1_v8, attn1_v_scale, 0.25, 'tensor', 'emulate', torch.float8_e4m3fn)
+attn1_attention_out = torch.ops.fp8_fx.dequantize.default(attn1_fp8_attention, attn1_v_scale, torch.float32)
 flatten_quantized = torch.ops.fp8_fx.quantize.default(flatten, 'tensor')
 attn1_to_out_0 = torch.ops.fp8_fx.emulated_scaled_mm.default(flatten_fp8, flatten_scale, attn1_to_out_0_weight_fp8, attn1_to_out_0_weight_scale, l_self_modules_attn1_modules_to_out_modules_0_parameters_bias_, torch.float32)""")

@@ -1,27 +1,33 @@
 """The FP8 attention pass: one decision per scaled_dot_product_attention call.
 
     SDPA(q, k, v)  in a targeted attention module (AttentionConfig.targets, e.g. `attn1`)
-      -> q8, qs, k8, ks, v8, vs = fp8_fx.quantize_attention_inputs(q, k, v, recipe)
-         out = fp8_fx.fp8_attention(q8, qs, k8, ks, v8, vs, softmax_scale, recipe, dtype)
+      -> q8, qs, k8, ks, v8, vs = fp8_fx.quantize_attention_inputs(q, k, v, recipe, rotate)
+         o = fp8_fx.fp8_attention(q8, qs, k8, ks, v8, vs, softmax_scale, recipe, kernel, o_dtype)
+         out = fp8_fx.dequantize(o, vs, dtype)          # "tensor" only: its kernel writes FP8
 
 The quantization is decomposable, so Inductor fuses it into the kernels that produce
-Q, K and V; `fp8_attention` is the kernel (attention_recipes.py). Runs before the linear
-pass, which then sees the attention output as a library kernel's (as it saw SDPA's).
+Q, K and V; `fp8_attention` is the kernel (attention_recipes.py); the dequantization
+fuses into the quantization of to_out's input (the linear pass's), so the FP8 output is
+never written back in bf16. Runs before the linear pass.
 
-Where it runs: the fp32 emulation (`emulate`) wherever FP8Config.fallback is "emulate";
-no FP8 attention kernel exists yet for GPUs, so elsewhere the call stays as it is, with
-that reason in the report.
+The kernel, one per call, in the report: "cudnn" (recipe "tensor" on sm90+ with
+nvidia-cudnn-frontend; the graph is built at compile time, so cuDNN's refusal of a shape
+is a reason in the report, not an error in the first forward); else the fp32 emulation
+("emulate") where FP8Config.fallback is "emulate"; else the call stays as it is, with the
+missing kernel named.
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 from typing import List, Optional, Tuple
 
 import torch
 import torch.fx
 
-from .. import attention_recipes  # noqa: F401 - registers the ops the pass emits
+from .. import attention_recipes
 from .. import targeting
+from ..kernels import cudnn_attention
 from ..config import AttentionConfig, FP8Config
 from ..qualname import node_qualname
 from ..report import AttentionDecision
@@ -69,9 +75,31 @@ def why_not_fp8_attention(args: dict) -> Optional[str]:
     return None
 
 
+def softmax_scale_of(args: dict) -> float:
+    head_dim = example_value(args["query"]).shape[-1]
+    return float(args["scale"]) if args["scale"] is not None else head_dim ** -0.5
+
+
+def _quantized_examples(args: dict, attention: AttentionConfig):
+    """Q8/K8/V8 as the rewritten graph will make them (their layouts), on fake tensors."""
+    q, k, v = (example_value(args[n]) for n in ("query", "key", "value"))
+    mode = getattr(q, "fake_mode", None)  # Dynamo's, whose tensors these are
+    with mode if mode is not None else contextlib.nullcontext():
+        q8, _, k8, _, v8, _ = torch.ops.fp8_fx.quantize_attention_inputs(q, k, v, attention.recipe,
+                                                                          attention.rotate)
+    return q8, k8, v8
+
+
+def _recipe_text(attention: AttentionConfig, head_dim: int) -> str:
+    if attention.recipe != "tensor":
+        return f"recipe {attention.recipe!r}"
+    rotated = attention_recipes.rotates(head_dim, attention.rotate)
+    return f"recipe 'tensor', Q/K {'rotated' if rotated else 'not rotated'}"
+
+
 def decide(node: torch.fx.Node, qualname: Optional[str], attention: AttentionConfig,
            fallback: str) -> Tuple[str, str]:
-    """(action, reason): "emulate" or "skipped"."""
+    """(action, reason): the kernel ("cudnn" or "emulate"), or "skipped"."""
     not_targeted = targeting.why_not_targeted(qualname, attention)
     if not_targeted:
         return "skipped", not_targeted
@@ -79,11 +107,21 @@ def decide(node: torch.fx.Node, qualname: Optional[str], attention: AttentionCon
     why_not = why_not_fp8_attention(args)
     if why_not:
         return "skipped", why_not
-    device = example_value(args["query"]).device
+    q = example_value(args["query"])
+    recipe = _recipe_text(attention, q.shape[-1])
+    if q.device.type != "cuda":
+        missing = f"no FP8 attention kernel for {q.device.type}"
+    elif attention.recipe != "tensor":
+        missing = (f"no FP8 attention kernel for recipe {attention.recipe!r} on GPUs yet "
+                   "(recipe 'tensor' runs cuDNN's)")
+    else:
+        missing = cudnn_attention.why_not(*_quantized_examples(args, attention), softmax_scale_of(args))
+        if missing is None:
+            return "cudnn", f"{recipe}, cuDNN FP8 SDPA"
+        missing = f"no FP8 attention kernel here: {missing}"
     if fallback == "emulate":
-        return "emulate", f"recipe {attention.recipe!r}, emulated in fp32 (fallback='emulate')"
-    return "skipped", (f"no FP8 attention kernel for {device.type} yet (FP8Config(fallback='emulate') "
-                       f"runs recipe {attention.recipe!r} in fp32)")
+        return "emulate", f"{recipe}, emulated in fp32 (fallback='emulate'; {missing})"
+    return "skipped", f"{missing} (FP8Config(fallback='emulate') runs {recipe} in fp32)"
 
 
 class AttentionPass(FP8Pass):
@@ -105,27 +143,30 @@ class AttentionPass(FP8Pass):
             decisions.append(AttentionDecision(qualname=qualname or "", action=action, reason=reason,
                                                recipe=attention.recipe))
             if action != "skipped":
-                _rewrite(graph, node, attention.recipe, (qualname or node.name).replace(".", "_"))
+                _rewrite(graph, node, attention, action, (qualname or node.name).replace(".", "_"))
         graph.lint()
         gm.recompile()
         return PassResult(decisions, [])
 
 
-def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node, recipe: str, stem: str) -> None:
+def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node, attention: AttentionConfig, kernel: str,
+             stem: str) -> None:
     args = sdpa_arguments(node)
-    q = args["query"]
-    head_dim = example_value(q).shape[-1]
-    softmax_scale = float(args["scale"]) if args["scale"] is not None else head_dim ** -0.5
+    recipe, dtype = attention.recipe, example_value(node).dtype
     with graph.inserting_before(node):
         quant = call(graph, torch.ops.fp8_fx.quantize_attention_inputs.default,
-                     (q, args["key"], args["value"], recipe), f"{stem}_qkv_quantized")
+                     (args["query"], args["key"], args["value"], recipe, attention.rotate), f"{stem}_qkv_quantized")
         parts = [call(graph, operator.getitem, (quant, i), f"{stem}_{name}")
                  for i, name in enumerate(("q8", "q_scale", "k8", "k_scale", "v8", "v_scale"))]
+        made = [quant, *parts]
         new = call(graph, torch.ops.fp8_fx.fp8_attention.default,
-                   (*parts, softmax_scale, recipe, example_value(node).dtype), f"{stem}_fp8_attention")
-    for made in (quant, *parts, new):
-        made.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+                   (*parts, softmax_scale_of(args), recipe, kernel, attention_recipes.output_dtype(recipe, dtype)),
+                   f"{stem}_fp8_attention")
+        if recipe == "tensor":  # an FP8 output, at V's scale
+            made.append(new)
+            new = call(graph, torch.ops.fp8_fx.dequantize.default, (new, parts[5], dtype), f"{stem}_attention_out")
+    for n in made:
+        n.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
-

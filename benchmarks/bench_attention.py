@@ -1,0 +1,122 @@
+"""The self-attention of a Wan 14B block alone, on the GPU: torch's bf16 SDPA (cuDNN and
+flash backends) against fp8_fx's FP8 attention (recipe "tensor", cuDNN's FP8 kernel),
+timed side by side (interleaved, median), and each one's error against fp32 attention.
+
+    python benchmarks/bench_attention.py [--tokens 32760,75600] [--heads 40] [--out results.json]
+
+Rows: `sdpa_bf16_cudnn`, `sdpa_bf16_flash`; `fp8_kernel` (cuDNN's FP8 kernel alone, on
+inputs quantized beforehand); `fp8_fx` / `fp8_fx_norot` (what the compiled graph runs per
+call: Q/K/V quantization, with and without the Hadamard rotation, + kernel + dequantized
+output, compiled by Inductor on its own; in a block the quantization fuses further into
+the RoPE/RMSNorm kernels). Errors: ||O - O_fp32|| / ||O_fp32|| over all heads, on
+N(0,1) inputs and on DiT-like ones (K with a channel bias, four outlier channels 10x in
+Q and K).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from fp8_fx.attention_recipes import attention, output_dtype
+
+HEAD_DIM = 128
+
+
+def draw(tokens, heads, case, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    shape = (1, tokens, heads, HEAD_DIM)  # (B, S, H, D) in memory, viewed (B, H, S, D)
+    q, k, v = (torch.randn(shape, device="cuda", generator=g) for _ in range(3))
+    if case == "dit_like":
+        k += 3.0 * torch.randn(HEAD_DIM, device="cuda", generator=g)
+        idx = torch.randperm(HEAD_DIM, device="cuda", generator=g)[:4]
+        q[..., idx] *= 10.0
+        k[..., idx] *= 10.0
+    return [t.bfloat16().transpose(1, 2) for t in (q, k, v)]
+
+
+def rows_for(q, k, v):
+    def sdpa(backend):
+        def run():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v)
+        return run
+
+    fused = {rot: torch.compile(lambda a, b, c, rot=rot: attention(a, b, c, "tensor", kernel="cudnn", rotate=rot))
+             for rot in (True, False)}
+    pre = torch.ops.fp8_fx.quantize_attention_inputs(q, k, v, "tensor", True)
+
+    def kernel_only():
+        return torch.ops.fp8_fx.fp8_attention(*pre, HEAD_DIM ** -0.5, "tensor", "cudnn",
+                                              output_dtype("tensor", q.dtype))
+    return {
+        "sdpa_bf16_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+        "sdpa_bf16_flash": sdpa(SDPBackend.FLASH_ATTENTION),
+        "fp8_kernel": kernel_only,
+        "fp8_fx": lambda: fused[True](q, k, v),
+        "fp8_fx_norot": lambda: fused[False](q, k, v),
+    }
+
+
+def cuda_ms(fn, iters=5):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def rel(a, b):
+    return ((a.float() - b).norm() / b.norm()).item()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", default="32760,75600")
+    p.add_argument("--heads", type=int, default=40)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--out")
+    args = p.parse_args()
+    results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, heads=args.heads, rows=[])
+    for tokens in map(int, args.tokens.split(",")):
+        q, k, v = draw(tokens, args.heads, "gaussian")
+        fns = rows_for(q, k, v)
+        for fn in fns.values():  # compile and warm
+            fn()
+        times = {name: [] for name in fns}
+        for _ in range(args.repeats):
+            for name, fn in fns.items():
+                times[name].append(cuda_ms(fn))
+        errors = {}
+        for case in ("gaussian", "dit_like"):
+            q, k, v = draw(tokens, args.heads, case, seed=1)
+            with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+                exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+            for name, fn in rows_for(q, k, v).items():
+                if name != "fp8_kernel":
+                    out = fn()
+                    errors.setdefault(name, {})[case] = round(rel(out[0] if isinstance(out, tuple) else out, exact), 5)
+            del exact
+        base = statistics.median(times["sdpa_bf16_cudnn"])
+        flops = 4 * args.heads * tokens * tokens * HEAD_DIM
+        for name, t in times.items():
+            ms = statistics.median(t)
+            row = dict(tokens=tokens, variant=name, ms=round(ms, 3), spread_ms=round(max(t) - min(t), 3),
+                       speedup_vs_cudnn_bf16=round(base / ms, 3), tflops=round(flops / ms / 1e9, 1),
+                       rel_err_fp32=errors.get(name))
+            results["rows"].append(row)
+            print(json.dumps(row), flush=True)
+        torch._dynamo.reset()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
