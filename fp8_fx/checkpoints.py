@@ -23,6 +23,14 @@ def save_fp8_checkpoint(model: nn.Module, path: Union[str, Path]) -> None:
     """One safetensors file: FP8 weights, fp32 scales, the rest as it is, and metadata
     recording the format, the granularity, the FP8 modules and (diffusers) the config."""
     from safetensors.torch import save_file
+    from .qualname import is_peft_layer
+    adapted = [n for n, m in model.named_modules() if is_peft_layer(type(m))]
+    if adapted:
+        raise ValueError(
+            f"save_fp8_checkpoint: the model has PEFT (LoRA) adapters ({len(adapted)} layers, e.g. {adapted[0]}); "
+            "an FP8 checkpoint holds the base model only. Save the adapter on its own (diffusers' "
+            "save_lora_adapter / save_lora_weights) and remove it first (unload_lora(), or fuse_lora() then "
+            "unload_lora() to keep it fused in).")
     fp8_modules = {n: m.granularity for n, m in model.named_modules() if isinstance(m, FP8Linear)}
     if not fp8_modules:
         raise ValueError("save_fp8_checkpoint: the model has no FP8Linear layers; call convert_to_fp8 first")

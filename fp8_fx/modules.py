@@ -9,6 +9,11 @@ A converted layer is an `FP8Linear`: FP8 `weight`, fp32 `weight_scale`, bias as 
 and optionally a calibrated static `input_scale` (calibrate.py).
 Eagerly it runs the weight-only op, so the module still works without compiling; the
 backend's pass turns it into an FP8 GEMM (or keeps it weight-only) with no bf16 copy.
+
+LoRA (PEFT) on a converted model: PEFT wraps an FP8Linear in lora.FP8LoraLinear (fp8_fx
+teaches PEFT's dispatch that one layer type when an FP8Linear is made). A model that
+already has adapters converts its base layers (their wrappers' paths are what the targets
+match) and never the adapter branches.
 """
 from __future__ import annotations
 
@@ -17,8 +22,9 @@ from typing import Dict, List, Optional, Union
 import torch
 import torch.nn as nn
 
-from . import ops, targeting
+from . import lora, ops, targeting  # lora: PEFT adapters on FP8 models (fp8_fx.lora)
 from .config import FP8Config
+from .qualname import ADAPTER, BASE, module_path
 from .report import LinearDecision
 
 
@@ -28,6 +34,7 @@ class FP8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, granularity: str,
                  device=None, bias_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
+        lora.enable_peft_fp8_layers()  # PEFT can then wrap this layer in a LoRA adapter (lora.py)
         self.in_features, self.out_features, self.granularity = in_features, out_features, granularity
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=ops.FP8_DTYPE, device=device),
                                    requires_grad=False)
@@ -61,10 +68,13 @@ class FP8Linear(nn.Module):
                 f"bias={self.bias is not None}, granularity={self.granularity!r}{static}")
 
 
-def _convertible(name: str, module: nn.Module, config: FP8Config) -> Optional[str]:
-    """None if `module` should become FP8, else why not."""
+def _convertible(name: str, module: nn.Module, config: FP8Config, peft: Optional[str] = None) -> Optional[str]:
+    """None if `module` should become FP8, else why not. `name`: the path targets match
+    (a PEFT base layer's is its wrapper's); `peft`: its PEFT role (qualname.resolve_peft)."""
     if not isinstance(module, nn.Linear):
         return "not an nn.Linear"
+    if peft == ADAPTER:
+        return lora.ADAPTER_REASON
     why_not = (targeting.why_not_targeted(name, config)
                or targeting.why_not_fp8_shape(module.in_features, module.out_features)
                or targeting.why_not_fp8_dtype(module.weight.dtype))
@@ -110,7 +120,8 @@ def convert_to_fp8(model: nn.Module, config: Optional[FP8Config] = None,
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
-        why_not = _convertible(name, module, config)
+        where = module_path(model, name)
+        why_not = _convertible(where.qualname, module, config, where.peft)
         holder = _under(name, sharded) if why_not is None else None
         if holder is not None:
             # fully_shard registered this layer's bf16 parameters: a module swapped in now
@@ -120,9 +131,11 @@ def convert_to_fp8(model: nn.Module, config: Optional[FP8Config] = None,
                 f"{holder or '(the root)'!r}). Convert first, then fully_shard: "
                 "fp8_fx.convert_to_fp8(model); fp8_fx.distributed.fsdp.fully_shard_fp8(block, ...)")
         if why_not is None:
+            if where.peft == BASE:  # its LoRA wrapper will merge into FP8 weights (or refuses first)
+                lora.convert_peft_wrapper(model.get_submodule(where.wrapper), where.qualname)
             with torch.no_grad():
                 set_submodule(model, name, FP8Linear.from_linear(module, config.granularity, device))
-        decisions.append(LinearDecision(name, "skipped" if why_not else "weight_only",
+        decisions.append(LinearDecision(where.qualname, "skipped" if why_not else "weight_only",
                                         why_not or f"FP8 weights at rest ({config.granularity})",
                                         module.in_features, module.out_features))
     if device is not None:

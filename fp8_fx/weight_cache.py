@@ -11,10 +11,12 @@ data pointer, dtype, device, shape and version counter: `load_state_dict`, `copy
 `set_swap_module_params_on_conversion`) all change one of them. Comparing them costs a
 few attribute reads per weight per call, off the GPU.
 
-What no cheap check sees: an edit through `p.data` in place (`p.data += delta`, as PEFT
-merges a LoRA; `p.data.copy_(...)`), whose version counter is not the parameter's, and
-in-place edits of inference tensors (no version counter). After such an edit call
-`fp8_fx.refresh_weights(model)`.
+What no cheap check sees: an edit through `p.data` in place (`p.data += delta`;
+`p.data.copy_(...)`), whose version counter is not the parameter's, and in-place edits of
+inference tensors (no version counter). After such an edit call
+`fp8_fx.refresh_weights(model)`. PEFT merges a LoRA that way (`fuse_lora`); fp8_fx follows
+those merges by itself: lora.follow_merges makes PEFT's merge/unmerge `forget` the copies
+of the base layer's weights.
 
 No weak references: `torch.utils.swap_tensors` refuses tensors that have one.
 """
@@ -104,13 +106,15 @@ def fp8_copies(model: torch.nn.Module) -> int:
     return sum(_ATTR in t.__dict__ for t in [*model.parameters(), *model.buffers()])
 
 
+def forget(t: torch.Tensor) -> bool:
+    """Drop the FP8 copies of one tensor (the next call quantizes it as it is then).
+    True if it had any."""
+    return t.__dict__.pop(_ATTR, None) is not None
+
+
 def refresh_weights(model: torch.nn.Module) -> int:
     """Drop the FP8 copies of `model`'s parameters and buffers: the next call quantizes
     the weights as they are then. Needed only after an edit no cheap check sees
     (`p.data += delta`, `p.data.copy_(...)`, in-place edits of inference tensors).
     Returns how many tensors had copies."""
-    dropped = 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.__dict__.pop(_ATTR, None) is not None:
-            dropped += 1
-    return dropped
+    return sum(forget(t) for t in [*model.parameters(), *model.buffers()])

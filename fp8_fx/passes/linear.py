@@ -32,6 +32,11 @@ graph: they get the same rewrite, without new inputs. With a calibrated static i
 scale (calibrate.py) the call carries it, and x is cast with it by
 `fp8_fx.quantize_static`, which Inductor fuses into the producer of x; layers sharing x
 (q, k, v) share one cast, with the largest of their scales.
+
+Layers wrapped by PEFT (LoRA adapters, see lora.py) are decided by the rule of
+qualname.resolve_peft: the base layer answers to the wrapper's path, so the targets match
+it and it is converted as the layer it replaced; the adapter branch's linears
+(`lora_A`, `lora_B`) are skipped and run in the input dtype on the same input.
 """
 from __future__ import annotations
 
@@ -47,7 +52,7 @@ from .. import ops, targeting
 from ..config import FP8Config
 from ..distributed import tensor_parallel
 from ..kernels import triton_quantize
-from ..qualname import node_qualname
+from ..qualname import ADAPTER, BASE, ModulePath, node_module_path
 from ..report import LinearDecision
 from . import FP8Pass, PassResult
 from .fx_utils import call, copy_dynamo_graph_module, example_value, weight_placeholder
@@ -157,15 +162,28 @@ def _shard_layout(linear: _Linear):
 
 
 def decide(linear: _Linear, qualname: Optional[str], config: FP8Config,
-           fp8_tensor_cores: Optional[bool] = None) -> Tuple[str, str]:
+           fp8_tensor_cores: Optional[bool] = None, where: Optional[ModulePath] = None) -> Tuple[str, str]:
     """(action, reason) for one linear op. Pure: reads only the node metadata and config.
     fp8_tensor_cores: None asks the weight's device; True/False decides as if on one
-    (`python -m fp8_fx inspect` shows a GPU's decisions on a CPU)."""
+    (`python -m fp8_fx inspect` shows a GPU's decisions on a CPU).
+    where: the module's place (qualname.node_module_path), for PEFT-wrapped layers."""
+    action, reason = _decide(linear, qualname, config, fp8_tensor_cores, where)
+    if where is not None and where.peft == BASE and action != "skipped":
+        reason = "PEFT base layer; " + reason
+    return action, reason
+
+
+def _decide(linear: _Linear, qualname: Optional[str], config: FP8Config,
+            fp8_tensor_cores: Optional[bool], where: Optional[ModulePath]) -> Tuple[str, str]:
     w, x = example_value(linear.weight), example_value(linear.x)
     subclass = next((t for t in (w, x) if _is_subclass(t)), None)
     if subclass is not None:
         return "skipped", (f"{type(subclass).__name__} {'weight' if subclass is w else 'input'} "
                            "(a tensor subclass): fp8_fx's ops run on plain tensors and DTensors only")
+    if where is not None and where.peft == ADAPTER:
+        from ..lora import ADAPTER_REASON
+        return "skipped", (ADAPTER_REASON if where.adapter_component.startswith("lora_")
+                           else ADAPTER_REASON.replace("LoRA", "PEFT", 1))
     sharded = tensor_parallel.is_dtensor(w) or tensor_parallel.is_dtensor(x)
     if linear.scale is not None and sharded:
         return "skipped", ("FP8 weights at rest (FP8Linear) on DTensors: left weight-only, run by "
@@ -426,8 +444,9 @@ class LinearPass(FP8Pass):
             linear = _as_linear(node)
             if linear is None:
                 continue
-            qualname = node_qualname(node)
-            action, reason = decide(linear, qualname, config, self.fp8_tensor_cores)
+            where = node_module_path(node)
+            qualname = where.qualname if where is not None else None
+            action, reason = decide(linear, qualname, config, self.fp8_tensor_cores, where)
             w = example_value(linear.weight)
             decisions.append(LinearDecision(
                 qualname=qualname or "", action=action, reason=reason,
@@ -435,6 +454,9 @@ class LinearPass(FP8Pass):
                 out_features=int(w.shape[0]) if w is not None else -1))
             if action == "skipped" or (action == "weight_only" and linear.scale is not None):
                 continue  # left as it is (an FP8Linear already runs weight-only)
+            if where is not None and where.peft == BASE and linear.scale is None:
+                from ..lora import follow_merges  # fuse_lora edits the weight unseen: drop its copies then
+                follow_merges(where.wrapper_type)
             rewriter.rewrite(linear, action, qualname)
         graph.lint()
         gm.recompile()
