@@ -2,7 +2,8 @@
 import sys
 
 USAGE = """usage: python -m fp8_fx {demo,inspect} [options]
-  demo     denoise with a Wan DiT in bf16 and FP8 side by side (examples/wan_fp8.py)
+  demo     denoise with a Wan DiT in bf16 and FP8 side by side (examples/wan_fp8.py);
+           demo --pipeline PATH --prompt TEXT: a whole local WanPipeline, both videos side by side
   inspect  print the pass's decisions and the rewritten graph of a Wan DiT"""
 
 

@@ -52,6 +52,8 @@ def build_parser(prog: str = "python -m fp8_fx demo") -> argparse.ArgumentParser
                    "embeddings; default: random")
     p.add_argument("--json", help="write every number printed here to this JSON file")
     p.add_argument("--plot", help="write a PNG of the per-step error to this file")
+    from .pipeline_demo import add_arguments  # --pipeline PATH: the whole WanPipeline
+    add_arguments(p)
     return p
 
 
@@ -288,6 +290,9 @@ def plot(r: dict, path: str) -> None:
 def main(argv: Optional[List[str]] = None, prog: str = "python -m fp8_fx demo") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    if args.pipeline is not None:  # the whole WanPipeline, bf16 vs FP8: pipeline_demo.py
+        from .pipeline_demo import main as pipeline_main
+        return pipeline_main(args, parser, argv)
     validate(args, parser)
     try:
         result = run(args)
