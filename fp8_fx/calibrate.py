@@ -23,14 +23,20 @@ from typing import Any, Callable, Dict, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from . import ops
+from . import ops, presets
 from .config import FP8Config
 from .modules import FP8Linear
+from .qualname import ADAPTER, module_path
 from .targeting import why_not_targeted
 
 
-def _targeted(name: str, module: nn.Module, config: FP8Config) -> bool:
-    return isinstance(module, (nn.Linear, FP8Linear)) and why_not_targeted(name, config) is None
+def _targeted(model: nn.Module, name: str, module: nn.Module, config: FP8Config) -> bool:
+    """Targeted as convert_to_fp8 decides it: by the path targets see (a PEFT base layer's
+    is its wrapper's; an adapter branch never)."""
+    if not isinstance(module, (nn.Linear, FP8Linear)):
+        return False
+    where = module_path(model, name)
+    return where.peft != ADAPTER and why_not_targeted(where.qualname, config) is None
 
 
 def calibrate_input_amax(model: nn.Module, run: Callable[[], Any],
@@ -39,7 +45,7 @@ def calibrate_input_amax(model: nn.Module, run: Callable[[], Any],
     linear layer (nn.Linear or FP8Linear) it called, by module path.
     Raises if an input held NaN/inf (no finite scale covers it) or if no targeted
     layer ran (wrong model, or targets that match nothing)."""
-    config = config or FP8Config()
+    config = presets.config_for_model(config or FP8Config(), model)
     amax: Dict[str, torch.Tensor] = {}
 
     def hook(name):
@@ -51,7 +57,7 @@ def calibrate_input_amax(model: nn.Module, run: Callable[[], Any],
         return record
 
     handles = [m.register_forward_pre_hook(hook(name))
-               for name, m in model.named_modules() if _targeted(name, m, config)]
+               for name, m in model.named_modules() if _targeted(model, name, m, config)]
     if not handles:
         raise ValueError("calibrate_input_amax: no module of the model matches FP8Config.targets "
                          f"{config.targets[:4]}...; pass the config you convert with")

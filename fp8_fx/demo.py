@@ -43,8 +43,12 @@ def build_parser(prog: str = "python -m fp8_fx demo") -> argparse.ArgumentParser
                         "(default here, so the fidelity numbers mean something on CPU); "
                         "'weight_only' keeps FP8 weights and computes in bf16")
     p.add_argument("--attention", choices=("off", *ATTENTION_RECIPES), default="off",
-                   help="FP8 self-attention (attn1) with this recipe as well (default off); "
-                        "needs --fallback emulate until the GPU kernels exist")
+                   help="FP8 self-attention (attn1) with this recipe as well (default off); on a GPU "
+                        "'tensor' runs cuDNN's FP8 kernel (Hopper, nvidia-cudnn-frontend), elsewhere "
+                        "--fallback emulate runs the recipe in fp32")
+    p.add_argument("--attention-bf16-steps", default="0,0", metavar="FIRST,LAST",
+                   help="with --attention: keep attention in bf16 for the first FIRST and the last LAST "
+                        "denoising steps (default 0,0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--seed", type=int, default=0)
@@ -92,6 +96,12 @@ def validate(args, parser: argparse.ArgumentParser) -> None:
             parser.error(f"--{name} must be a positive multiple of 16, got {v}")
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
+    if isinstance(args.attention_bf16_steps, str):
+        parts = args.attention_bf16_steps.split(",")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            parser.error(f"--attention-bf16-steps takes FIRST,LAST (whole numbers, e.g. 2,2), "
+                         f"got {args.attention_bf16_steps!r}")
+        args.attention_bf16_steps = tuple(int(p) for p in parts)
     if not args.shift > 0:
         parser.error(f"--shift must be > 0 (flow matching shifts the timesteps by it; Wan uses 5.0, "
                      f"3.0 at 480p), got {args.shift}")
@@ -133,8 +143,9 @@ def _sync(device: torch.device) -> None:
 
 
 def denoise(model: Callable, latents: torch.Tensor, text: torch.Tensor, steps: int, shift: float,
-            dtype: torch.dtype, desc: str):
-    """Wan's flow-matching loop. Returns final latents, the velocity of each step, step seconds."""
+            dtype: torch.dtype, desc: str, set_step: Optional[Callable[[int, int], None]] = None):
+    """Wan's flow-matching loop. Returns final latents, the velocity of each step, step seconds.
+    `set_step(i, steps)` is called before step i (FP8Backend.set_step: the attention policy)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     from tqdm.auto import tqdm
 
@@ -142,7 +153,9 @@ def denoise(model: Callable, latents: torch.Tensor, text: torch.Tensor, steps: i
     scheduler.set_timesteps(steps, device=latents.device)
     velocities, seconds = [], []
     with torch.no_grad():
-        for t in tqdm(scheduler.timesteps, desc=desc, file=sys.stdout):
+        for i, t in enumerate(tqdm(scheduler.timesteps, desc=desc, file=sys.stdout)):
+            if set_step is not None:
+                set_step(i, steps)
             _sync(latents.device)
             start = time.perf_counter()
             v = model(latents.to(dtype), t.expand(latents.shape[0]), text, return_dict=False)[0]
@@ -214,7 +227,9 @@ def run(args) -> dict:
               f"{args.dtype} compute), so the fidelity below is that of FP8 activations alone")
 
     results = {}
-    attention = None if args.attention == "off" else AttentionConfig(recipe=args.attention)
+    first, last = args.attention_bf16_steps
+    attention = None if args.attention == "off" else AttentionConfig(
+        recipe=args.attention, bf16_first_steps=first, bf16_last_steps=last)
     backend = make_fp8_backend(FP8Config(granularity=args.granularity, fallback=args.fallback,
                                          attention=attention))
     for name, compiled in (("baseline", torch.compile(transformer)),
@@ -222,7 +237,8 @@ def run(args) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         final, velocities, seconds = denoise(compiled, latents, text, args.steps, args.shift, dtype,
-                                             desc=f"{baseline if name == 'baseline' else name} compiled")
+                                             desc=f"{baseline if name == 'baseline' else name} compiled",
+                                             set_step=backend.set_step if name == "fp8" else None)
         results[name] = dict(final=final, velocities=velocities, **summarize(seconds))
         if device.type == "cuda":
             results[name]["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Union
 import torch
 import torch.nn as nn
 
-from . import lora, ops, targeting  # lora: PEFT adapters on FP8 models (fp8_fx.lora)
+from . import lora, ops, presets, targeting  # lora: PEFT adapters on FP8 models (fp8_fx.lora)
 from .config import FP8Config
 from .qualname import ADAPTER, BASE, module_path
 from .report import LinearDecision
@@ -114,7 +114,7 @@ def convert_to_fp8(model: nn.Module, config: Optional[FP8Config] = None,
     With `device`, each targeted weight is moved there and quantized one layer at a time,
     then the rest of the model follows: the full bf16 model never sits on `device`.
     Returns one record per nn.Linear (converted or why not)."""
-    config = config or FP8Config()
+    config = presets.config_for_model(config or FP8Config(), model)
     decisions = []
     sharded = _fsdp_sharded_paths(model)
     for name, module in list(model.named_modules()):

@@ -335,7 +335,9 @@ def _check_geometry(pipe, args) -> None:
 
 def _fp8_config(args):
     from .config import AttentionConfig, FP8Config
-    attention = None if args.attention == "off" else AttentionConfig(recipe=args.attention)
+    first, last = args.attention_bf16_steps
+    attention = None if args.attention == "off" else AttentionConfig(
+        recipe=args.attention, bf16_first_steps=first, bf16_last_steps=last)
     return FP8Config(granularity=args.granularity, fallback=args.fallback, attention=attention)
 
 
@@ -347,8 +349,17 @@ def _set_shift(pipe, shift: float) -> None:
     pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **{key: shift})
 
 
-def _denoise(pipe, recorder: StepRecorder, device, prompt_embeds, negative_embeds, latents, args, label):
-    """One pipeline call with the recorder on; returns the decoded video (F, H, W, 3) in [0, 1]."""
+def _denoise(pipe, recorder: StepRecorder, device, prompt_embeds, negative_embeds, latents, args, label,
+             backends=()):
+    """One pipeline call with the recorder on; returns the decoded video (F, H, W, 3) in [0, 1].
+    Each backend is told the steps (its attention policy: AttentionConfig.bf16_*_steps)."""
+
+    def step_end(pipe, i, t, callback_kwargs):
+        callback_kwargs = recorder.step_end(pipe, i, t, callback_kwargs)
+        for backend in backends:
+            callback_kwargs = backend.step_callback(pipe, i, t, callback_kwargs)
+        return callback_kwargs
+
     pipe.set_progress_bar_config(desc=label, file=sys.stdout)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -358,7 +369,7 @@ def _denoise(pipe, recorder: StepRecorder, device, prompt_embeds, negative_embed
         out = pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
                    latents=latents.clone(), num_frames=args.frames, height=args.height, width=args.width,
                    num_inference_steps=args.steps, guidance_scale=args.guidance_scale, output_type="np",
-                   callback_on_step_end=recorder.step_end, callback_on_step_end_tensor_inputs=["latents"])
+                   callback_on_step_end=step_end, callback_on_step_end_tensor_inputs=["latents"])
     _sync(device)
     total = time.perf_counter() - start
     video = out.frames[0]
@@ -437,7 +448,7 @@ def run_pipeline(args) -> dict:
         setattr(pipe, name, compiled)
         fp8_rec.attach(compiled)
     fp8_video, runs["fp8"] = _denoise(pipe, fp8_rec, device, prompt_embeds, negative_embeds, latents,
-                                      args, "fp8 compiled")
+                                      args, "fp8 compiled", backends=list(backends.values()))
     fp8_rec.detach()
     for name, m in models.items():
         setattr(pipe, name, m)

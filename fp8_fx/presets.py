@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import warnings
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 AUTO = "auto"
@@ -230,3 +231,17 @@ def for_model(model) -> Choice:
     """The preset `FP8Config(preset="auto")` would choose for `model` (an nn.Module):
     from its own class, else from its submodules'."""
     return resolve(AUTO, type(model), (type(m) for m in model.modules()))
+
+
+def config_for_model(config, model):
+    """`config` with FP8Config(preset="auto") resolved for `model` as the backend would
+    resolve a whole-model graph: for code that sees the model, not a graph
+    (convert_to_fp8, calibrate_input_amax). Other configs come back as they are."""
+    if config.preset != AUTO:
+        return config
+    choice = for_model(model)
+    if choice.fallback:
+        warnings.warn(f"fp8_fx: no target preset knows {type(model).__name__} ({', '.join(choice.seen)}); "
+                      "using the Wan preset. Choose one with FP8Config(preset=...) or set targets.",
+                      stacklevel=3)
+    return dataclasses.replace(config, preset=None, targets=choice.targets)

@@ -119,6 +119,12 @@ def test_demo_rejects_a_shift_that_is_not_positive(shift, no_compile, capsys):
     assert "--shift must be > 0" in err and "Wan uses 5.0" in err
 
 
+@pytest.mark.parametrize("steps", ["2", "a,b", "1,2,3"])
+def test_demo_rejects_attention_bf16_steps_that_are_not_two_numbers(steps, no_compile, capsys):
+    err = rejected(["--attention", "tensor", "--attention-bf16-steps", steps, *TINY], capsys)
+    assert "--attention-bf16-steps takes FIRST,LAST" in err
+
+
 # 5. the baseline's label
 
 

@@ -472,3 +472,12 @@ def test_flux_through_inductor():
     backend, out, fp8_warnings = run("flux", inductor=True)
     assert converted(backend.report) == EXPECTED["flux"] and not fp8_warnings
     assert (out - eager).norm() / eager.norm() < 0.05
+
+
+@pytest.mark.parametrize("name", ["flux", "qwenimage"])
+def test_convert_to_fp8_and_calibration_choose_the_preset_as_the_backend_does(name):
+    """No graph there: the model's class chooses, as for a whole-model compile."""
+    model, kwargs = tiny(name)
+    amax = fp8_fx.calibrate_input_amax(model, lambda: model(**kwargs))
+    decisions = fp8_fx.convert_to_fp8(model)
+    assert converted(decisions) == EXPECTED[name] == set(amax)
