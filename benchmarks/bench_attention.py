@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bench_wan import cuda_ms
 from fp8_fx.attention_recipes import attention, output_dtype
 
 HEAD_DIM = 128
@@ -62,16 +63,6 @@ def rows_for(q, k, v):
     }
 
 
-def cuda_ms(fn, iters=5):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
-
-
 def rel(a, b):
     return ((a.float() - b).norm() / b.norm()).item()
 
@@ -92,7 +83,7 @@ def main():
         times = {name: [] for name in fns}
         for _ in range(args.repeats):
             for name, fn in fns.items():
-                times[name].append(cuda_ms(fn))
+                times[name].append(cuda_ms(fn, 5))
         errors = {}
         for case in ("gaussian", "dit_like"):
             q, k, v = draw(tokens, args.heads, case, seed=1)

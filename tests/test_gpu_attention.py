@@ -53,32 +53,35 @@ def test_cudnn_kernel_computes_the_recipe(rotate, shape):
     assert rel_err(out.cpu(), expected) < recipe_error and rel_err(out, emulated) < recipe_error
 
 
+class Attn(torch.nn.Module):
+    def __init__(self, dim=512, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v, self.to_out = (torch.nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        q, k, v = (f(x).unflatten(-1, (self.heads, -1)).transpose(1, 2) for f in (self.to_q, self.to_k, self.to_v))
+        return x + self.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn1 = Attn()
+
+    def forward(self, x):
+        return self.attn1(x)
+
+
+TARGETS = ("to_q", "to_k", "to_v", "to_out")
+
+
 def test_pass_picks_cudnn_and_the_compiled_block_stays_close_to_bf16():
     _skip_without_kernel()
-
-    class Attn(torch.nn.Module):
-        def __init__(self, dim=512, heads=4):
-            super().__init__()
-            self.heads = heads
-            self.to_q, self.to_k, self.to_v, self.to_out = (torch.nn.Linear(dim, dim) for _ in range(4))
-
-        def forward(self, x):
-            q, k, v = (f(x).unflatten(-1, (self.heads, -1)).transpose(1, 2) for f in (self.to_q, self.to_k, self.to_v))
-            return x + self.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
-
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn1 = Attn()
-
-        def forward(self, x):
-            return self.attn1(x)
-
     torch.manual_seed(0)
     block = Block().to(CUDA, torch.bfloat16).eval()
     x = torch.randn(1, 1000, 512, device=CUDA, dtype=torch.bfloat16)
-    targets = ("to_q", "to_k", "to_v", "to_out")
-    backend = make_fp8_backend(FP8Config(targets=targets, attention=AttentionConfig()))
+    backend = make_fp8_backend(FP8Config(targets=TARGETS, attention=AttentionConfig()))
     with torch.no_grad():
         out = torch.compile(block, backend=backend)(x)
         ref = block(x)
@@ -94,3 +97,17 @@ def test_unsupported_shapes_get_a_reason_not_an_error():
     assert "head dims 24" in cudnn_attention.why_not(q, q, q, 0.2)
     q, k = (torch.zeros(1, 2, s, 128, device=CUDA, dtype=torch.float8_e4m3fn) for s in (1, 5))
     assert "cuDNN has no FP8 attention plan" in cudnn_attention.why_not(q, k, k, 0.1)  # one query: none on Hopper
+
+
+def test_varying_sequence_lengths_keep_the_cudnn_kernel():
+    """Dynamic shapes (a new resolution): the kernel builds a cuDNN graph per shape."""
+    _skip_without_kernel()
+    torch.manual_seed(0)
+    block = Block().to(CUDA, torch.bfloat16).eval()
+    backend = make_fp8_backend(FP8Config(targets=TARGETS, attention=AttentionConfig()))
+    compiled = torch.compile(block, backend=backend, dynamic=True)
+    with torch.no_grad():
+        for tokens in (1000, 1536, 777):
+            x = torch.randn(1, tokens, 512, device=CUDA, dtype=torch.bfloat16)
+            assert rel_err(compiled(x), block(x)) < 0.03
+    assert {d.action for d in backend.report.attention} == {"cudnn"}

@@ -53,6 +53,17 @@ def _shape_key(t: torch.Tensor) -> tuple:
     return tuple(t.shape), tuple(t.stride())
 
 
+def _hinted_key(t: torch.Tensor) -> Optional[tuple]:
+    """_shape_key with symbolic sizes and strides at their example values (None if one has none)."""
+    def value(n):
+        if isinstance(n, int):
+            return n
+        hint = getattr(getattr(n, "node", None), "hint", None)
+        return int(hint) if hint is not None else None
+    shape, stride = tuple(map(value, t.shape)), tuple(map(value, t.stride()))
+    return None if None in shape or None in stride else (shape, stride)
+
+
 def output_strides(b: int, h: int, s: int, d: int) -> Tuple[int, int, int, int]:
     """(B, H, S, D) strides of a (B, S, H, D) buffer: the layout the attention modules
     transpose back to (B, S, H*D) for to_out, so that transpose is free."""
@@ -114,16 +125,20 @@ def why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     reason = why_not_device(q.device)
     if reason:
         return reason
-    b, h, s, _ = q.shape
-    if any(not isinstance(n, int) for n in (*q.shape, *k.shape, *v.shape)):
-        return "symbolic shapes (a cuDNN graph is built per shape)"
-    if q.shape[-1] % 16 or v.shape[-1] % 16 or q.shape[-1] > 256:
-        return f"head dims {q.shape[-1]}/{v.shape[-1]} (cuDNN FP8 attention takes multiples of 16 up to 256)"
-    if min(t.stride(-1) for t in (q, k, v)) != 1:
+    # Sizes that vary (Dynamo's symbolic shapes) are checked at the traced example's
+    # values: the kernel builds a graph per shape anyway, at the first call of each.
+    qk, kk, vk = (_hinted_key(t) for t in (q, k, v))
+    if None in (qk, kk, vk):
+        return "shapes without an example value to check cuDNN's support with"
+    b, h, s, d = qk[0]
+    dv = vk[0][-1]
+    if d % 16 or dv % 16 or d > 256:
+        return f"head dims {d}/{dv} (cuDNN FP8 attention takes multiples of 16 up to 256)"
+    if min(key[1][-1] for key in (qk, kk, vk)) != 1:
         return "Q/K/V whose head dim is not contiguous"
-    o = ((b, h, s, v.shape[-1]), output_strides(b, h, s, v.shape[-1]))
+    o = ((b, h, s, dv), output_strides(b, h, s, dv))
     try:
-        _graph(q.device, _shape_key(q), _shape_key(k), _shape_key(v), o, softmax_scale)
+        _graph(q.device, qk, kk, vk, o, softmax_scale)
     except Exception as error:  # cudnn raises its own types: report its message's first line
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
         return f"cuDNN has no FP8 attention plan for Q {tuple(q.shape)}, K {tuple(k.shape)} ({first})"
