@@ -63,10 +63,13 @@ class FP8Backend:
         AttentionConfig.bf16_first_steps / bf16_last_steps, it picks their attention."""
         self.steps.set(step, num_steps)
 
-    def step_callback(self, pipe: Any, step: int, timestep: Any, callback_kwargs: Dict) -> Dict:
+    @property
+    def step_callback(self) -> Callable[[Any, int, Any, Dict], Dict]:
         """`pipe(..., callback_on_step_end=backend.step_callback)`: a diffusers pipeline
-        tells the backend each step (see denoising_steps.py)."""
-        return self.steps.diffusers_callback(pipe, step, timestep, callback_kwargs)
+        tells the backend each step (see denoising_steps.py). Until the first step ends,
+        forwards are step 0 (fetching the callback says steps will come)."""
+        self.steps.told = True
+        return self.steps.diffusers_callback
 
     # Named clear(), not reset(): torch._dynamo.reset() calls reset() on every backend
     # it has cached, and a report must outlive the compiled code it describes.

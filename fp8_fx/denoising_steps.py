@@ -11,6 +11,7 @@ recompile per step.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, Optional
 
 from .config import AttentionConfig
@@ -23,6 +24,7 @@ class DenoisingSteps:
         self.first = attention.bf16_first_steps if attention is not None else 0
         self.last = attention.bf16_last_steps if attention is not None else 0
         self.step, self.num_steps = 0, None
+        self.told = False  # whether the caller ever gave a step
         self.calls = {"fp8": 0, "bf16": 0}  # forwards of converted graphs, by attention precision
 
     @property
@@ -39,9 +41,16 @@ class DenoisingSteps:
         if self.last and num_steps is None:
             raise ValueError("set_step: AttentionConfig.bf16_last_steps needs num_steps (the total) to know "
                              "which steps are the last")
-        self.step, self.num_steps = step, num_steps
+        self.step, self.num_steps, self.told = step, num_steps, True
 
     def fp8_attention_now(self) -> bool:
+        if not self.told:  # every forward would be "step 0": say so once, loudly
+            self.told = True
+            warnings.warn(
+                "fp8_fx: AttentionConfig.bf16_first_steps/bf16_last_steps are set but no denoising step was "
+                "given, so every forward counts as step 0 (bf16 attention for bf16_first_steps > 0). Call "
+                "backend.set_step(step, num_steps) before each step, or pass "
+                "callback_on_step_end=backend.step_callback to the diffusers pipeline.", stacklevel=3)
         if self.step < self.first:
             return False
         return not (self.last and self.num_steps is not None and self.step >= self.num_steps - self.last)
@@ -56,5 +65,5 @@ class DenoisingSteps:
         following = step + 1
         if num_steps is not None and following >= num_steps:
             following = 0
-        self.step, self.num_steps = following, num_steps
+        self.step, self.num_steps, self.told = following, num_steps, True
         return callback_kwargs

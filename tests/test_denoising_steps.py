@@ -1,5 +1,7 @@
 """The per-step attention policy: bf16 attention for the first/last denoising steps, FP8
 for the rest, picked per call from the step the caller gives, with no recompile."""
+import warnings
+
 import pytest
 import torch
 
@@ -54,13 +56,15 @@ def test_diffusers_step_callback_tells_the_steps_and_wraps_for_the_next_video():
     block, backend, compiled = compiled_block(2, 0)
     x, ctx = inputs()
     pipe, used = FakePipeline(), []
-    with torch.no_grad():
+    callback = backend.step_callback  # what pipe(..., callback_on_step_end=...) gets: steps will come
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*no denoising step")  # the callback will tell the steps
         for _video in range(2):
             for step in range(pipe.num_timesteps):  # what a diffusers pipeline does per step
                 before = dict(backend.steps.calls)
                 compiled(x, ctx)
                 used.append("fp8" if backend.steps.calls["fp8"] > before["fp8"] else "bf16")
-                assert backend.step_callback(pipe, step, 999 - step, {"latents": 1}) == {"latents": 1}
+                assert callback(pipe, step, 999 - step, {"latents": 1}) == {"latents": 1}
     assert used == ["bf16", "bf16", "fp8"] * 2
 
 
@@ -70,6 +74,14 @@ def test_without_a_policy_one_graph_serves_every_step():
     with torch.no_grad():
         compiled(x, ctx)
     assert not backend.steps.active and backend.steps.calls == {"fp8": 0, "bf16": 0}
+
+
+def test_a_policy_without_steps_warns_that_every_forward_is_step_0():
+    block, backend, compiled = compiled_block(1, 0)
+    x, ctx = inputs()
+    with torch.no_grad(), pytest.warns(UserWarning, match="no denoising step was given"):
+        compiled(x, ctx)
+    assert backend.steps.calls == {"fp8": 0, "bf16": 1}
 
 
 def test_bad_steps_are_named():
