@@ -85,9 +85,17 @@ class FP8Backend:
         # The preset for this graph (FP8Config.preset), chosen from the classes it traced:
         # the passes then see its entries as the targets (a block's own under regional
         # compilation), and the cache key sees them too.
-        choice = presets.resolve(self.config.preset, root_class, _module_classes(gm))
+        classes = _module_classes(gm)
+        choice = presets.resolve(self.config.preset, root_class, classes)
         config = self.config if choice is None else dataclasses.replace(
             self.config, preset=None, targets=choice.targets)
+        # AttentionConfig(targets=None): the model's preset's attention modules (chosen as
+        # for the linears, even when the linears' targets are the user's own).
+        attention_preset = config.attention is not None and config.attention.targets is None
+        if attention_preset:
+            known = choice or presets.resolve(presets.AUTO, root_class, classes)
+            config = dataclasses.replace(config, attention=dataclasses.replace(
+                config.attention, targets=known.preset.attention))
         passes = self.passes(config)
         as_written = copy_dynamo_graph_module(gm) if self.steps.active else None  # bf16-attention steps
         gm = copy_dynamo_graph_module(gm)  # Dynamo reads its own graph after we return
@@ -97,7 +105,7 @@ class FP8Backend:
         self.graphs.append(gm)
         self._warn_fallback(choice)
         self._check_entries(linear.decisions, root, config, choice)
-        self._check_attention_entries(attention.decisions, root)
+        self._check_attention_entries(attention.decisions, root, config, attention_preset)
         if any(d.converted for d in [*linear.decisions, *attention.decisions]) and torch.is_grad_enabled():
             raise RuntimeError(
                 "fp8_fx is inference-only (its FP8 ops have no backward). Call the compiled "
@@ -179,21 +187,22 @@ class FP8Backend:
         _warn_unmatched(config, qualnames, "linear op", root,
                         ("targets", "exclude") if choice is None else ("exclude",))
 
-    def _check_attention_entries(self, decisions, root: str) -> None:
-        attention = self.config.attention
+    def _check_attention_entries(self, decisions, root: str, config: FP8Config, from_preset: bool) -> None:
+        attention = config.attention
         if attention is None or not decisions:  # a graph without attention calls says nothing
             return
         qualnames = [d.qualname for d in decisions]
         _refuse_above_root(attention, qualnames, root, (
             "Use an in-block entry ('attn1'), or compile the whole model (torch.compile(transformer, "
-            "...)) for per-block choices."))
+            "...)) for per-block choices."), entries=attention.exclude if from_preset else None)
         if self.config.fallback != "emulate" and any("no FP8 attention kernel" in d.reason for d in decisions):
             warnings.warn(
                 f"fp8_fx: FP8Config.attention is set, but there is no FP8 attention kernel for this device "
                 f"yet: the {len(qualnames)} attention calls of this graph ({root}) stay as they are. "
                 "FP8Config(fallback='emulate') runs the recipe in fp32 (for accuracy, not speed).",
                 stacklevel=3)
-        _warn_unmatched(attention, qualnames, "attention call", root)
+        _warn_unmatched(attention, qualnames, "attention call", root,
+                        ("exclude",) if from_preset else ("targets", "exclude"))
 
 
 def _refuse_above_root(config, qualnames, root: str, advice: str, entries=None) -> None:

@@ -46,9 +46,10 @@ class AttentionConfig:
     rotate: "tensor" multiplies Q and K by one Hadamard matrix before quantizing (exact:
         QH (KH)^T = QK^T), which spreads outlier channels over the head dim (power-of-two
         head dims; others are not rotated).
-    targets: attention module paths, matched as FP8Config.targets are. Default: Wan's
-        self-attention `attn1`; cross-attention (`attn2`, 512 text keys, ~1% of the
-        time) stays in bf16, where quantizing would cost more than it saves.
+    targets: attention module paths, matched as FP8Config.targets are. Default (None):
+        the model preset's self- or joint attention (Wan: `attn1`; Flux, QwenImage,
+        HunyuanVideo: `attn`; presets.py); Wan's cross-attention (`attn2`, 512 text keys,
+        ~1% of the time) stays in bf16, where quantizing would cost more than it saves.
     exclude: never converted; exclude wins. Per-block entries (`blocks.0.attn1`: keep the
         first block's attention in bf16) need a whole-model compile: under regional
         compilation one graph serves every block, and such entries are refused.
@@ -60,7 +61,7 @@ class AttentionConfig:
 
     recipe: AttentionRecipe = "tensor"
     rotate: bool = True
-    targets: Tuple[str, ...] = ("attn1",)
+    targets: Optional[Tuple[str, ...]] = None
     exclude: Tuple[str, ...] = ()
     bf16_first_steps: int = 0
     bf16_last_steps: int = 0
@@ -75,7 +76,9 @@ class AttentionConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"AttentionConfig.{field} must be a whole number of steps >= 0, got {value!r}")
         for field in ("targets", "exclude"):
-            object.__setattr__(self, field, _entries("AttentionConfig", field, getattr(self, field)))
+            value = getattr(self, field)
+            if value is not None or field == "exclude":
+                object.__setattr__(self, field, _entries("AttentionConfig", field, value))
 
 
 @dataclasses.dataclass(frozen=True)

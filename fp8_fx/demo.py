@@ -13,7 +13,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -102,6 +102,8 @@ def validate(args, parser: argparse.ArgumentParser) -> None:
             parser.error(f"--attention-bf16-steps takes FIRST,LAST (whole numbers, e.g. 2,2), "
                          f"got {args.attention_bf16_steps!r}")
         args.attention_bf16_steps = tuple(int(p) for p in parts)
+    if args.attention == "off" and any(args.attention_bf16_steps):
+        parser.error("--attention-bf16-steps applies to FP8 attention: add --attention tensor (or smooth_int8)")
     if not args.shift > 0:
         parser.error(f"--shift must be > 0 (flow matching shifts the timesteps by it; Wan uses 5.0, "
                      f"3.0 at 480p), got {args.shift}")
@@ -194,11 +196,24 @@ def ssim(a: torch.Tensor, ref: torch.Tensor) -> float:
         for f in range(ref.shape[1]))
 
 
-def summarize(seconds: List[float]) -> dict:
-    steady = seconds[1:] or seconds
+def summarize(seconds: List[float], warmup: Sequence[int] = (0,)) -> dict:
+    """Median step time over the steps that did not run a graph for the first time
+    (`warmup`: step 0, and with an attention policy the first step of each precision)."""
+    steady = [s for i, s in enumerate(seconds) if i not in warmup] or seconds
     step = statistics.median(steady)
     return dict(step_ms=round(step * 1e3, 2), first_step_s=round(seconds[0], 2),
-                compile_s=round(max(seconds[0] - step, 0.0), 2), steps_s=[round(s, 4) for s in seconds])
+                compile_s=round(sum(max(seconds[i] - step, 0.0) for i in warmup if i < len(seconds)), 2),
+                steps_s=[round(s, 4) for s in seconds])
+
+
+def first_steps_of_each_kind(steps: int, attention: Optional[AttentionConfig]) -> List[int]:
+    """The steps that run a compiled graph for the first time: with the attention policy,
+    the first bf16-attention step and the first FP8-attention step."""
+    if attention is None:
+        return [0]
+    kinds = ["bf16" if i < attention.bf16_first_steps or i >= steps - attention.bf16_last_steps else "fp8"
+             for i in range(steps)]
+    return sorted({kinds.index(k) for k in set(kinds)})
 
 
 def run(args) -> dict:
@@ -239,7 +254,8 @@ def run(args) -> dict:
         final, velocities, seconds = denoise(compiled, latents, text, args.steps, args.shift, dtype,
                                              desc=f"{baseline if name == 'baseline' else name} compiled",
                                              set_step=backend.set_step if name == "fp8" else None)
-        results[name] = dict(final=final, velocities=velocities, **summarize(seconds))
+        warmup = first_steps_of_each_kind(args.steps, attention) if name == "fp8" else [0]
+        results[name] = dict(final=final, velocities=velocities, **summarize(seconds, warmup))
         if device.type == "cuda":
             results[name]["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
 
@@ -252,7 +268,8 @@ def run(args) -> dict:
     return dict(
         model=args.checkpoint or args.model, device=str(device), dtype=args.dtype,
         baseline=baseline, baseline_dtype=args.dtype, fp8_weights_at_rest=fp8_weights,
-        granularity=args.granularity, fallback=args.fallback, attention=args.attention, frames=args.frames, height=args.height,
+        granularity=args.granularity, fallback=args.fallback, attention=args.attention,
+        attention_bf16_steps=list(args.attention_bf16_steps), frames=args.frames, height=args.height,
         width=args.width, steps=args.steps, shift=args.shift, seed=args.seed, tokens=tokens,
         torch=torch.__version__,
         report=[dict(qualname=d.qualname, action=d.action, reason=d.reason, in_features=d.in_features,

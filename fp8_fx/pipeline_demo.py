@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .demo import DTYPES, UsageError, _sync, cosine, plot, rel_err, summarize, validate
+from .demo import DTYPES, UsageError, _sync, cosine, first_steps_of_each_kind, plot, rel_err, summarize, validate
 
 INSTALL = "pip install -e '.[pipeline]'  (or pip install 'fp8_fx[pipeline]')"
 # (module to import, pip name) for everything --pipeline needs beyond torch
@@ -350,7 +350,7 @@ def _set_shift(pipe, shift: float) -> None:
 
 
 def _denoise(pipe, recorder: StepRecorder, device, prompt_embeds, negative_embeds, latents, args, label,
-             backends=()):
+             backends=(), warmup=(0,)):
     """One pipeline call with the recorder on; returns the decoded video (F, H, W, 3) in [0, 1].
     Each backend is told the steps (its attention policy: AttentionConfig.bf16_*_steps)."""
 
@@ -376,7 +376,7 @@ def _denoise(pipe, recorder: StepRecorder, device, prompt_embeds, negative_embed
     if len(recorder.steps) != args.steps:
         raise PipelineError(f"the pipeline ran {len(recorder.steps)} denoising steps, {args.steps} asked")
     seconds = [s["seconds"] for s in recorder.steps]
-    timing = dict(summarize(seconds), pipeline_s=round(total, 2),
+    timing = dict(summarize(seconds, warmup), pipeline_s=round(total, 2),
                   decode_and_rest_s=round(max(total - sum(seconds), 0.0), 2))
     if device.type == "cuda":
         timing["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
@@ -448,7 +448,8 @@ def run_pipeline(args) -> dict:
         setattr(pipe, name, compiled)
         fp8_rec.attach(compiled)
     fp8_video, runs["fp8"] = _denoise(pipe, fp8_rec, device, prompt_embeds, negative_embeds, latents,
-                                      args, "fp8 compiled", backends=list(backends.values()))
+                                      args, "fp8 compiled", backends=list(backends.values()),
+                                      warmup=first_steps_of_each_kind(args.steps, config.attention))
     fp8_rec.detach()
     for name, m in models.items():
         setattr(pipe, name, m)
@@ -470,6 +471,9 @@ def run_pipeline(args) -> dict:
         report=[dict(transformer=n, qualname=d.qualname, action=d.action, reason=d.reason,
                      in_features=d.in_features, out_features=d.out_features) for n, d in decisions],
         report_counts=dict(Counter(d.action for _, d in decisions)),
+        attention_bf16_steps=list(args.attention_bf16_steps),
+        attention_report=[dict(transformer=n, qualname=d.qualname, action=d.action, reason=d.reason)
+                          for n, b in backends.items() for d in b.report.attention],
         report_table="\n".join(f"{n}:\n{b.report}" for n, b in backends.items()),
         bf16=runs["baseline"], fp8=runs["fp8"],
         speedup=round(runs["baseline"]["step_ms"] / runs["fp8"]["step_ms"], 3),
@@ -488,6 +492,13 @@ def print_summary(r: dict) -> None:
     print(f"\nFP8 run: {', '.join(r['transformers'])} converted in place after the {r['baseline']} run "
           f"(convert_to_fp8: FP8 weights at rest), compiled with make_fp8_backend; linears "
           f"({r['granularity']}, fallback {r['fallback']}): {counts} (per linear: --json)")
+    if r["attention_report"]:
+        attention = Counter(d["action"] for d in r["attention_report"])
+        first, last = r["attention_bf16_steps"]
+        reason = next((d["reason"] for d in r["attention_report"] if d["action"] != "skipped"), "")
+        print(f"attention calls: {', '.join(f'{n} {a}' for a, n in sorted(attention.items()))}"
+              + (f" ({reason})" if reason else "")
+              + (f"; bf16 attention at the first {first} and last {last} steps" if first or last else ""))
     calls = 2 if r["guidance_scale"] > 1 else 1
     print(f"\nTime per denoising step ({calls} transformer forward{'s' if calls > 1 else ''}; "
           "median after the first, which compiles):")

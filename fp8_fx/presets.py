@@ -66,13 +66,16 @@ class Preset:
     """name: what FP8Config(preset=...) takes. classes: the class names it is chosen
     from (fnmatch patterns; a subclass of one counts too): the model, its blocks, and
     modules it knows hold nothing to convert. targets: entries over full module paths.
-    blocks: (block class, entries over the block's own paths) pairs."""
+    blocks: (block class, entries over the block's own paths) pairs. attention: the
+    attention modules whose SDPA calls AttentionConfig() converts by default (suffixes:
+    the self- or joint attention, not text cross-attention)."""
 
     name: str
     model: str  # what it is for, in words
     classes: Tuple[str, ...]
     targets: Tuple[str, ...]
     blocks: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
+    attention: Tuple[str, ...] = ("attn1",)
 
     def applies_to(self, cls: ClassLike) -> Optional[str]:
         """The name (of `cls` or a base class) this preset knows, else None."""
@@ -112,27 +115,30 @@ SINGLE_BLOCK = (*_in("attn", "to_q", "to_k", "to_v", "to_qkv"), "proj_mlp", "pro
 MMDIT_BLOCK = (*_in("attn", *QKVO, *ADDED_QKVO), *_in("ff", *FFN), *_in("ff_context", *FFN))
 
 
-def _diffusers(name: str, model: str, blocks: Dict[str, Tuple[str, Tuple[str, ...]]]) -> Preset:
+def _diffusers(name: str, model: str, blocks: Dict[str, Tuple[str, Tuple[str, ...]]],
+               attention: Tuple[str, ...]) -> Preset:
     """blocks: block class -> (the model attribute holding such blocks, entries inside one).
     A class with no entries is known and converts nothing (a text refiner, an embedder)."""
     targets = tuple(dict.fromkeys(f"{container}.*.{entry}"
                                   for container, entries in blocks.values() for entry in entries))
     return Preset(name, f"{model} (diffusers)", (model, *blocks), targets,
-                  tuple((cls, entries) for cls, (_, entries) in blocks.items()))
+                  tuple((cls, entries) for cls, (_, entries) in blocks.items()), attention)
 
 
 _PRESETS = (
     # Wan 2.1/2.2 in diffusers (WanTransformer3DModel, VACE), FastVideo and the original
     # code (WanModel/WanAttentionBlock): their classes are all named Wan...
-    Preset("wan", "Wan (diffusers, FastVideo, original Wan2.1)", ("Wan*",), WAN_TARGETS),
+    # Self-attention: diffusers' and FastVideo's attn1, original Wan2.1's self_attn.
+    Preset("wan", "Wan (diffusers, FastVideo, original Wan2.1)", ("Wan*",), WAN_TARGETS,
+           attention=("attn1", "self_attn")),
     _diffusers("flux", "FluxTransformer2DModel", {
         "FluxTransformerBlock": ("transformer_blocks", MMDIT_BLOCK),
         "FluxSingleTransformerBlock": ("single_transformer_blocks", SINGLE_BLOCK),
-    }),
+    }, attention=("attn",)),
     _diffusers("sd3", "SD3Transformer2DModel", {
         # attn2: SD3.5's second self-attention (dual_attention_layers).
         "JointTransformerBlock": ("transformer_blocks", (*MMDIT_BLOCK, *_in("attn2", *QKVO))),
-    }),
+    }, attention=("attn", "attn2")),
     _diffusers("hunyuan_video", "HunyuanVideoTransformer3DModel", {
         "HunyuanVideoTransformerBlock": ("transformer_blocks", MMDIT_BLOCK),
         "HunyuanVideoSingleTransformerBlock": ("single_transformer_blocks", SINGLE_BLOCK),
@@ -143,19 +149,19 @@ _PRESETS = (
         # it (and the patch embedder) as blocks of their own.
         "HunyuanVideoTokenRefiner": ("context_embedder", ()),
         "HunyuanVideoPatchEmbed": ("x_embedder", ()),
-    }),
+    }, attention=("attn",)),
     _diffusers("ltx_video", "LTXVideoTransformer3DModel", {
         "LTXVideoTransformerBlock": ("transformer_blocks",
                                      (*_in("attn1", *QKVO), *_in("attn2", *QKVO), *_in("ff", *FFN))),
-    }),
+    }, attention=("attn1",)),
     _diffusers("cogvideox", "CogVideoXTransformer3DModel", {
         # attn1 is the joint (text + video) attention.
         "CogVideoXBlock": ("transformer_blocks", (*_in("attn1", *QKVO), *_in("ff", *FFN))),
-    }),
+    }, attention=("attn1",)),
     _diffusers("qwenimage", "QwenImageTransformer2DModel", {
         "QwenImageTransformerBlock": ("transformer_blocks", (*_in("attn", *QKVO, *ADDED_QKVO),
                                                              *_in("img_mlp", *FFN), *_in("txt_mlp", *FFN))),
-    }),
+    }, attention=("attn",)),
 )
 PRESETS: Dict[str, Preset] = {p.name: p for p in _PRESETS}
 FALLBACK = PRESETS["wan"]

@@ -481,3 +481,12 @@ def test_convert_to_fp8_and_calibration_choose_the_preset_as_the_backend_does(na
     amax = fp8_fx.calibrate_input_amax(model, lambda: model(**kwargs))
     decisions = fp8_fx.convert_to_fp8(model)
     assert converted(decisions) == EXPECTED[name] == set(amax)
+
+
+@pytest.mark.parametrize("name, modules", [("flux", {"transformer_blocks.0.attn", "single_transformer_blocks.0.attn"}),
+                                           ("cogvideox", {"transformer_blocks.0.attn1"})])
+def test_fp8_attention_targets_the_presets_attention_by_default(name, modules):
+    """AttentionConfig() on another DiT: its preset's self/joint attention, not Wan's attn1."""
+    backend, _, messages = run(name, FP8Config(fallback="emulate", attention=fp8_fx.AttentionConfig()))
+    assert {d.qualname for d in backend.report.attention if d.converted} == modules
+    assert not [m for m in messages if "matched no attention call" in m]

@@ -19,14 +19,14 @@ missing kernel named.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import operator
 from typing import List, Optional, Tuple
 
 import torch
 import torch.fx
 
-from .. import attention_recipes
-from .. import targeting
+from .. import attention_recipes, presets, targeting
 from ..kernels import cudnn_attention
 from ..config import AttentionConfig, FP8Config
 from ..qualname import node_qualname
@@ -135,11 +135,16 @@ class AttentionPass(FP8Pass):
         decisions: List[AttentionDecision] = []
         if attention is None:
             return PassResult(decisions, [])
+        if attention.targets is None:  # the backend gives the model preset's; alone: Wan's
+            attention = dataclasses.replace(attention, targets=presets.FALLBACK.attention)
         for node in list(graph.nodes):
             if node.op != "call_function" or node.target not in _SDPA:
                 continue
             qualname = node_qualname(node)
             action, reason = decide(node, qualname, attention, self.config.fallback)
+            if action != "skipped" and (attention.bf16_first_steps or attention.bf16_last_steps):
+                reason += (f"; bf16 at the first {attention.bf16_first_steps} and last "
+                           f"{attention.bf16_last_steps} denoising steps")
             decisions.append(AttentionDecision(qualname=qualname or "", action=action, reason=reason,
                                                recipe=attention.recipe))
             if action != "skipped":
