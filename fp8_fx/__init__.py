@@ -10,6 +10,9 @@ from .checkpoints import FP8CheckpointError, load_fp8_checkpoint, save_fp8_check
 from .config import (DIFFUSERS_WAN_TARGETS, FASTVIDEO_WAN_TARGETS, ORIGINAL_WAN_TARGETS,
                      WAN_I2V_IMAGE_KV_TARGETS, WAN_TARGETS, AttentionConfig, FP8Config)
 from .modules import FP8Linear, convert_to_fp8, fp8_weight_bytes
+from . import offload  # offloading (diffusers, accelerate) with compiled experts
+from .experts import CompiledExperts, ExpertsReport, compile_experts
+from .offload import OffloadError
 from .qualname import normalize_qualname
 from .report import AttentionDecision, GraphInfo, LinearDecision, Report
 from .weight_cache import refresh_weights
@@ -21,5 +24,6 @@ __all__ = [
     "convert_to_fp8", "fp8_weight_bytes", "save_fp8_checkpoint", "load_fp8_checkpoint",
     "calibrate_input_amax", "set_input_scales", "refresh_weights", "GraphInfo", "wan",
     "AttentionConfig", "AttentionDecision", "attention_recipes",
+    "compile_experts", "CompiledExperts", "ExpertsReport", "offload", "OffloadError",
 ]
 __version__ = "0.1.0"
