@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fp8_fx import AttentionConfig, FP8Config
+from fp8_fx import AttentionConfig, FP8Config, make_fp8_backend
 from fp8_fx.passes import run_passes
 from fp8_fx.passes.attention import AttentionPass
 from fp8_fx.passes.fx_utils import copy_dynamo_graph_module
@@ -231,3 +231,35 @@ def test_attention_asked_for_without_a_kernel_warns():
     with pytest.warns(UserWarning, match="no FP8 attention kernel for this device yet"):
         _, backend = run_wan(model, lambda m, b: torch.compile(m, backend=b), FP8Config(attention=AttentionConfig()))
     assert not any(d.converted for d in backend.report.attention)
+
+
+class AttentionWithOut(nn.Module):
+    """A self-attention whose output goes through to_out, as Wan's does."""
+
+    def __init__(self, dim=64, heads=2):
+        super().__init__()
+        self.attn1 = Attention(dim, heads)
+        self.attn1.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+
+    def forward(self, x):
+        return self.attn1.to_out[0](self.attn1(x, x).type_as(x))
+
+
+def test_the_fp8_attention_output_is_to_outs_gemm_input_as_it_is():
+    """Recipe "tensor" writes O in FP8 at V's scale: to_out's GEMM takes those codes and
+    that scale (no amax pass, no second rounding). float64 truth: O on V's grid, times the
+    recipe's FP8 weight; re-quantizing O with its own amax would be ~1e-2 away."""
+    from reference import reference_quantize
+    torch.manual_seed(5)
+    model = AttentionWithOut().eval()
+    x = torch.randn(1, 70, 64)
+    backend = make_fp8_backend(FP8Config(targets=("to_out.0",), fallback="emulate", attention=AttentionConfig()))
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend, fullgraph=True)(x)
+        q, k, v = model.attn1.qkv(x, x)
+        o = recipe_attention(q, k, v, "tensor", rotate=True).transpose(1, 2).flatten(2)
+        wq, ws = reference_quantize(model.attn1.to_out[0].weight, "tensor")
+        expected = o @ (wq * ws.double()).T + model.attn1.to_out[0].bias.double()
+    assert rel_err(out, expected) < 1e-4
+    code = backend.graphs[0].code
+    assert "fp8_fx.quantize.default" not in code and "fp8_fx.dequantize" not in code

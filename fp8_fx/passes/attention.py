@@ -6,9 +6,10 @@
          out = fp8_fx.dequantize(o, vs, dtype)          # "tensor" only: its kernel writes FP8
 
 The quantization is decomposable, so Inductor fuses it into the kernels that produce
-Q, K and V; `fp8_attention` is the kernel (attention_recipes.py); the dequantization
-fuses into the quantization of to_out's input (the linear pass's), so the FP8 output is
-never written back in bf16. Runs before the linear pass.
+Q, K and V; `fp8_attention` is the kernel (attention_recipes.py). Runs before the linear
+pass, which takes the FP8 output's codes and scale as to_out's GEMM input as they are
+(tensor granularity; linear.fp8_attention_output), or fuses the dequantization into its
+row quantization: the FP8 output is never written back in bf16.
 
 The kernel, one per call, in the report: "cudnn" (recipe "tensor" on sm90+ with
 nvidia-cudnn-frontend; the graph is built at compile time, so cuDNN's refusal of a shape

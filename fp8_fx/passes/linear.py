@@ -279,6 +279,30 @@ def _from_library_kernel(node: torch.fx.Node) -> bool:
         node.op == "call_function" and node.target in _LIBRARY_KERNELS)
 
 
+_SHAPE_METHODS = ("view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous",
+                  "squeeze", "unsqueeze")
+_SAME_DTYPE_CASTS = ("type_as", "to")
+
+
+def fp8_attention_output(x: torch.fx.Node) -> Optional[Tuple[torch.fx.Node, List[torch.fx.Node]]]:
+    """(the `fp8_fx.dequantize` of an FP8 attention output, the shape ops from it to x)
+    when x is that output seen through shape ops only (and casts to its own dtype), else
+    None: its FP8 codes and scale can then be the GEMM's input as they are."""
+    chain: List[torch.fx.Node] = []
+    node = x
+    while True:
+        if node.op == "call_function" and node.target is torch.ops.fp8_fx.dequantize.default:
+            return node, chain
+        shape_op = (node.op == "call_method" and node.target in _SHAPE_METHODS) or (
+            node.op == "call_function" and node.target in _VIEW_FUNCTIONS)
+        cast = node.op == "call_method" and node.target in _SAME_DTYPE_CASTS and _same_values_input(node) is not None
+        if not (shape_op or cast) or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            return None
+        if shape_op:
+            chain.append(node)
+        node = node.args[0]
+
+
 def triton_quantize_input(x: torch.fx.Node) -> Optional[Tuple[torch.fx.Node, str]]:
     """(input, activation) for `fp8_fx.triton_quantize` when the linear input x has no
     Inductor producer kernel to fuse its quantization into, else None."""
@@ -353,10 +377,21 @@ class _Rewriter:
         if key in self.fp8_inputs:
             return self.fp8_inputs[key]
         x_name = linear.x.name
+        attention_out = fp8_attention_output(linear.x) if not static and granularity == "tensor" else None
         if static:
             xs = _largest(graph, self.static_scales[linear.x], f"{x_name}_static_scale")
             quant = call(graph, torch.ops.fp8_fx.quantize_static.default, (linear.x, xs), f"{x_name}_fp8")
             made = (quant, xs)
+        elif attention_out is not None:
+            # The attention kernel's FP8 output and its scale are this GEMM's input already:
+            # the same shape ops on the codes, no amax pass, no second rounding.
+            (dequantize, chain), quant = attention_out, None
+            codes, scale = dequantize.args[0], dequantize.args[1]
+            for op in reversed(chain):
+                codes = (graph.call_method(op.target, (codes, *op.args[1:]), op.kwargs) if op.op == "call_method"
+                         else graph.call_function(op.target, (codes, *op.args[1:]), op.kwargs))
+                codes.name = f"{op.name}_fp8"
+            made = (codes, scale)
         else:
             source = triton_quantize_input(linear.x) if action == "scaled_mm" and self.use_triton else None
             if source is not None:
@@ -367,7 +402,7 @@ class _Rewriter:
                              f"{x_name}_quantized")
             made = (call(graph, operator.getitem, (quant, 0), f"{x_name}_fp8"),
                     call(graph, operator.getitem, (quant, 1), f"{x_name}_scale"))
-        for n in {quant, *made} - self.placeholders:  # where it was inserted
+        for n in {quant, *made} - self.placeholders - {None}:  # where it was inserted
             n.meta["nn_module_stack"] = linear.node.meta.get("nn_module_stack", {})
         self.fp8_inputs[key] = made
         return made
@@ -415,14 +450,16 @@ class _Rewriter:
 
     def _erase_if_dead(self, node: torch.fx.Node) -> None:
         """Erase the views and GELU that fed x into a folded-in quantization (triton_quantize
-        reads the GELU's input), once nothing reads them. Only these known-pure ops: a
+        reads the GELU's input; an FP8 attention output's codes replace its dequantization),
+        once nothing reads them. Only these known-pure ops: a
         whole-graph dead-code elimination would also delete in-place ops (`buf.copy_(x)`)."""
-        while node.op in ("call_function", "call_method") and not node.users and _is_pure_passthrough(node):
-            inputs = node.all_input_nodes
-            self.graph.erase_node(node)
-            if len(inputs) != 1:
+        while node.op in ("call_function", "call_method") and not node.users and (
+                _is_pure_passthrough(node) or node.target is torch.ops.fp8_fx.dequantize.default):
+            source = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+            self.graph.erase_node(node)  # then up its value's source (type_as's other input is not one)
+            if source is None:
                 return
-            node = inputs[0]
+            node = source
 
 
 class LinearPass(FP8Pass):
