@@ -327,9 +327,14 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m fp8_fx demo") 
         from .pipeline_demo import main as pipeline_main
         return pipeline_main(args, parser, argv)
     validate(args, parser)
+    return finish(args, lambda: run(args), print_summary, (CheckpointError, UsageError))
+
+
+def finish(args, run_demo: Callable[[], dict], print_summary: Callable[[dict], None], errors) -> int:
+    """Run a demo; print its summary, write --json and --plot; exit status 2 on `errors`."""
     try:
-        result = run(args)
-    except (CheckpointError, UsageError) as e:
+        result = run_demo()
+    except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_summary(result)

@@ -30,7 +30,7 @@ import dataclasses
 import functools
 import warnings
 from collections import Counter
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -39,7 +39,7 @@ from . import offload
 from .backend import FP8Backend
 from .config import FP8Config
 from .modules import convert_to_fp8
-from .report import LinearDecision, format_attention_table, format_table
+from .report import LinearDecision, Records, format_attention_table, format_table
 
 EXPERT_NAMES = ("transformer", "transformer_2")
 
@@ -79,7 +79,7 @@ class _ExpertBackend(FP8Backend):
         super()._warn_fallback(choice)
 
 
-class ExpertsReport:
+class ExpertsReport(Records):
     """The reports of every expert's backend as one: iterable as records (in expert, then
     graph order), each naming its expert (`record.graph.model`); printable, one table per
     graph headed `graph N (transformer_2: WanTransformerBlock, compile 0/1)`. A live view:
@@ -109,18 +109,6 @@ class ExpertsReport:
     @property
     def attention(self):
         return [d for b in self._backends.values() for d in b.report.attention]
-
-    def by_action(self, action: str) -> List[LinearDecision]:
-        return [d for d in self.records if d.action == action]
-
-    def __iter__(self) -> Iterator[LinearDecision]:
-        return iter(self.records)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> LinearDecision:
-        return self.records[i]
 
     def summary(self) -> str:
         """One line per expert: its graphs and what its linears became."""

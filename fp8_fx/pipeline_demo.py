@@ -28,7 +28,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .demo import DTYPES, UsageError, _sync, cosine, first_steps_of_each_kind, plot, rel_err, summarize, validate
+from .demo import (DTYPES, UsageError, _sync, cosine, finish, first_steps_of_each_kind, rel_err, summarize,
+                   validate)
 
 INSTALL = "pip install -e '.[pipeline]'  (or pip install 'fp8_fx[pipeline]')"
 # (module to import, pip name) for everything --pipeline needs beyond torch
@@ -166,19 +167,7 @@ def validate_pipeline(args, parser: argparse.ArgumentParser, argv: Optional[Sequ
 def main(args, parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> int:
     """demo.main hands over here when --pipeline is given."""
     validate_pipeline(args, parser, argv)
-    try:
-        result = run_pipeline(args)
-    except (PipelineError, UsageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print_summary(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.json}")
-    if args.plot:
-        plot(result, args.plot)
-        print(f"wrote {args.plot}")
-    return 0
+    return finish(args, lambda: run_pipeline(args), print_summary, (PipelineError, UsageError))
 
 
 # ---------------------------------------------------------------------------------------

@@ -65,7 +65,25 @@ class AttentionDecision:
         return self.action != "skipped"
 
 
-class Report:
+class Records:
+    """A sequence of linear records: iterate, index, count, filter. Subclasses give `records`."""
+
+    records: List[LinearDecision]
+
+    def __iter__(self) -> Iterator[LinearDecision]:
+        return iter(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> LinearDecision:
+        return self.records[i]
+
+    def by_action(self, action: str) -> List[LinearDecision]:
+        return [d for d in self.records if d.action == action]
+
+
+class Report(Records):
     """The decisions of every graph compiled by one backend, in graph order."""
 
     def __init__(self) -> None:
@@ -99,18 +117,6 @@ class Report:
     def records(self) -> List[LinearDecision]:
         """One record per linear op per graph (a recompile is a graph of its own)."""
         return [d for g in self._graphs for d in g]
-
-    def __iter__(self) -> Iterator[LinearDecision]:
-        return iter(self.records)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int) -> LinearDecision:
-        return self.records[i]
-
-    def by_action(self, action: str) -> List[LinearDecision]:
-        return [d for d in self.records if d.action == action]
 
     def __str__(self) -> str:
         tables = [(f"{info.preset_line}\n" if info.preset_line else "") + format_table(g)
