@@ -46,7 +46,7 @@ def test_first_and_last_steps_keep_bf16_attention_without_recompiling():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph, compiled both ways once
     assert backend.steps.calls == {"fp8": 3, "bf16": 2}
     assert [d.action for d in backend.report.attention] == ["emulate", "skipped"]
-    assert "bf16 at the first 1 and last 1 denoising steps" in backend.report.attention[0].reason
+    assert "as the model wrote it at the first 1 and last 1 denoising steps" in backend.report.attention[0].reason
 
 
 class FakePipeline:

@@ -144,7 +144,7 @@ class AttentionPass(FP8Pass):
             qualname = node_qualname(node)
             action, reason = decide(node, qualname, attention, self.config.fallback)
             if action != "skipped" and (attention.bf16_first_steps or attention.bf16_last_steps):
-                reason += (f"; bf16 at the first {attention.bf16_first_steps} and last "
+                reason += (f"; as the model wrote it at the first {attention.bf16_first_steps} and last "
                            f"{attention.bf16_last_steps} denoising steps")
             decisions.append(AttentionDecision(qualname=qualname or "", action=action, reason=reason,
                                                recipe=attention.recipe))
