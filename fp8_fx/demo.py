@@ -19,6 +19,7 @@ import torch
 
 from .backend import make_fp8_backend
 from .config import ATTENTION_RECIPES, AttentionConfig, FP8Config
+from .denoising_steps import DenoisingSteps
 from .modules import FP8Linear
 from .wan import TEXT_TOKENS, WAN_CONFIGS, CheckpointError, build_wan, latent_shape, load_wan
 
@@ -211,8 +212,11 @@ def first_steps_of_each_kind(steps: int, attention: Optional[AttentionConfig]) -
     the first bf16-attention step and the first FP8-attention step."""
     if attention is None:
         return [0]
-    kinds = ["bf16" if i < attention.bf16_first_steps or i >= steps - attention.bf16_last_steps else "fp8"
-             for i in range(steps)]
+    policy = DenoisingSteps(attention)  # the backend's own rule, step by step
+    kinds = []
+    for i in range(steps):
+        policy.set(i, steps)
+        kinds.append(policy.fp8_attention_now())
     return sorted({kinds.index(k) for k in set(kinds)})
 
 

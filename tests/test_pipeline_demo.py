@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 
 from fp8_fx import pipeline_demo  # noqa: E402
 from fp8_fx.demo import main as demo_main  # noqa: E402
+from test_cli_messages import no_compile, rejected  # noqa: E402,F401 - the demo's own CLI test helpers
 
 SMALL = ["--frames", "5", "--height", "32", "--width", "48", "--steps", "2"]
 
@@ -26,20 +27,6 @@ SMALL = ["--frames", "5", "--height", "32", "--width", "48", "--steps", "2"]
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory):
     return pipeline_demo.save_tiny_pipeline(tmp_path_factory.mktemp("pipe") / "tiny_wan")
-
-
-@pytest.fixture
-def no_compile(monkeypatch):
-    def compile(*args, **kwargs):
-        raise AssertionError("the pipeline demo compiled before rejecting its arguments")
-    monkeypatch.setattr(torch, "compile", compile)
-
-
-def rejected(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as e:
-        demo_main(argv)
-    assert e.value.code == 2
-    return capsys.readouterr().err
 
 
 def decode(path):

@@ -71,8 +71,12 @@ _LIBRARY_KERNELS = (*_LINEAR_TARGETS, torch.nn.functional.scaled_dot_product_att
                     torch.ops.fp8_fx.fp8_attention.default)
 _GELUS = (torch._C._nn.gelu, torch.nn.functional.gelu, torch.ops.aten.gelu.default)
 # Ops that pass their input's values on unchanged (checked: same dtype and numel).
-_VIEW_METHODS = ("view", "reshape", "flatten", "unflatten", "permute", "transpose",
-                 "contiguous", "type_as", "to", "squeeze", "unsqueeze")
+# Methods that reshape or re-lay out their input; with the casts (to the same dtype, checked
+# where used), the methods that pass their input's values on unchanged.
+_SHAPE_METHODS = ("view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous",
+                  "squeeze", "unsqueeze")
+_SAME_DTYPE_CASTS = ("type_as", "to")
+_VIEW_METHODS = (*_SHAPE_METHODS, *_SAME_DTYPE_CASTS)
 _VIEW_FUNCTIONS = (torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
                    torch.unsqueeze, torch.unflatten)
 _DROPOUTS = (torch.nn.functional.dropout, torch.dropout)
@@ -277,11 +281,6 @@ def _from_library_kernel(node: torch.fx.Node) -> bool:
     node = _value_source(node)
     return node.op in ("placeholder", "get_attr") or (
         node.op == "call_function" and node.target in _LIBRARY_KERNELS)
-
-
-_SHAPE_METHODS = ("view", "reshape", "flatten", "unflatten", "permute", "transpose", "contiguous",
-                  "squeeze", "unsqueeze")
-_SAME_DTYPE_CASTS = ("type_as", "to")
 
 
 def fp8_attention_output(x: torch.fx.Node) -> Optional[Tuple[torch.fx.Node, List[torch.fx.Node]]]:
