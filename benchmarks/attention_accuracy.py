@@ -67,7 +67,8 @@ def variants(q, k, v):
     o = ((p * ops.FP8_MAX).to(ops.FP8_DTYPE).float() / ops.FP8_MAX) @ (ops.cast_to_fp8(v, vs).float() * vs)
     out["fp8 per-tensor, K not smoothed"] = ops.cast_to_fp8(o / p.sum(dim=-1, keepdim=True), vs).float() * vs
     # "tensor" (rotated) inputs without the FP8 output: the emulation writes O unquantized
-    # for any recipe but "tensor", so pass the tensor-quantized inputs under the other name.
+    # for any recipe but "tensor", so pass the tensor-quantized inputs under the other name
+    # (whose P is quantized tile by tile against the running max, as cuDNN's kernel does).
     tensor_inputs = torch.ops.fp8_fx.quantize_attention_inputs(q, k, v, "tensor", True)
     o = emulated_fp8_attention(*tensor_inputs, scale, "smooth_int8", torch.float32)
     out["fp8 tensor, O not quantized"] = o

@@ -9,6 +9,9 @@ over different groups of values, and compute, in fp32,
     P8 = e4m3(P~ * 448)                  a fixed scale: 1 maps to 448, no amax needed
     O  = (P8 @ v8) * v_scale / 448 / rowsum(P~)
 
+("smooth_int8" takes the max over the keys seen so far, tile by tile, as its flash-
+attention kernel does: P~ in [0, 1] against that running max, rescaled as it grows.)
+
 "tensor" (cuDNN's FP8 SDPA forward on Hopper: kernels/cudnn_attention.py): one scale each
 for the whole Q, K and V, and an FP8 output: cuDNN needs O's scale before the kernel
 runs. O is a convex combination of V's rows (|O| <= max |V|), so V's own scale never
@@ -23,7 +26,7 @@ them. The rotation is one GEMM in the model's dtype with H's +-1 entries (memory
 it reads Q and K once more; a fast Walsh-Hadamard transform written as log2(D) stages of
 torch ops compiled to 8 ms at Wan 14B 480p on an H200, the GEMM to well under 1 ms).
 
-"smooth_int8" (for a kernel of our own, after SageAttention2): K minus its mean over
+"smooth_int8" (our Triton kernel on sm89+, kernels/triton_attention.py; after SageAttention2): K minus its mean over
 the tokens first (softmax is unchanged: it adds the same q.mean(k) to every score of a
 row), then Q and K in INT8 with one scale per block of 64 tokens (per batch and head;
 scale = amax / 127, round to nearest even), V in FP8 with one scale per channel (over
@@ -35,9 +38,10 @@ carry, which would otherwise set K's scale.
 `quantize_attention_inputs` is decomposable (CompositeImplicitAutograd) so Inductor
 fuses it into the kernels that produce Q, K and V (RoPE, RMSNorm), as the linear pass's
 quantize fuses into its producers. `fp8_attention` is one opaque op: the attention
-kernel named by its `kernel` argument ("cudnn" on Hopper for "tensor"; "emulate", the
-fp32 emulation, anywhere). Its output is laid out (B, S, H, D) in memory, viewed as
-(B, H, S, D), so the attention module's transpose back to (B, S, H*D) costs nothing.
+kernel named by its `kernel` argument ("cudnn" on Hopper for "tensor"; "triton" on
+sm89+ for "smooth_int8"; "emulate", the fp32 emulation, anywhere). Its output is laid
+out (B, S, H, D) in memory, viewed as (B, H, S, D), so the attention module's transpose
+back to (B, S, H*D) costs nothing.
 For "tensor" it is FP8 (cuDNN's), and `dequantize` (decomposable: Inductor fuses it into
 the quantization of to_out's input) brings it back to the model's dtype.
 """
@@ -50,8 +54,9 @@ import torch
 from .ops import FP8_DTYPE, FP8_MAX, amax_to_scale, cast_to_fp8
 
 RECIPES = ("tensor", "smooth_int8")
-KERNELS = ("emulate", "cudnn")
+KERNELS = ("emulate", "cudnn", "triton")
 QK_BLOCK = 64  # tokens per Q/K scale in "smooth_int8"
+KEY_TILE = 64  # keys per tile of "smooth_int8"'s online softmax (its Triton kernel's BLOCK_N)
 INT8_MAX = 127.0
 INT8_MIN_SCALE = 1.0 / (INT8_MAX * 512.0)  # an all-zero block stays finite, as in ops.py
 
@@ -171,7 +176,8 @@ def emulated_fp8_attention(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Te
                            v8: torch.Tensor, v_scale: torch.Tensor, softmax_scale: float, recipe: str,
                            out_dtype: torch.dtype) -> torch.Tensor:
     """The recipe's attention in fp32 (see the module docstring), written in out_dtype
-    (FP8 at V's scale for "tensor", which then must ask for it). Q.K products of int8 or
+    (FP8 at V's scale for "tensor", which then must ask for it). "smooth_int8" computes P
+    tile by tile as its kernel does (_online_softmax_p_v). Q.K products of int8 or
     e4m3 values sum exactly in fp32 for head dims up to 1,040."""
     _check_recipe(recipe)
     if (recipe == "tensor") != (out_dtype == FP8_DTYPE):
@@ -184,25 +190,57 @@ def emulated_fp8_attention(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Te
         return out
     k_cols = k_scale.transpose(-1, -2) if k_scale.dim() else k_scale  # per key: (B, H, 1, Sk)
     s = (q8.float() @ k8.float().transpose(-1, -2)) * (q_scale * k_cols) * softmax_scale
-    p = torch.exp(s - s.amax(dim=-1, keepdim=True))
-    p8 = (p * FP8_MAX).to(FP8_DTYPE)  # p <= 1: never beyond 448
-    o = (p8.float() @ v8.float()) * (v_scale / FP8_MAX) / p.sum(dim=-1, keepdim=True)
+    if recipe == "tensor":  # P~ against the row's max
+        p = torch.exp(s - s.amax(dim=-1, keepdim=True))
+        p8 = (p * FP8_MAX).to(FP8_DTYPE)  # p <= 1: never beyond 448
+        o = (p8.float() @ v8.float()) * (v_scale / FP8_MAX) / p.sum(dim=-1, keepdim=True)
+    else:
+        o = _online_softmax_p_v(s, v8.float()) * (v_scale / FP8_MAX)
     out.copy_(cast_to_fp8(o, v_scale) if out_dtype == FP8_DTYPE else o)
     return out
+
+
+def _online_softmax_p_v(s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """"smooth_int8"'s P @ V / rowsum: the flash-attention loop of its Triton kernel over
+    tiles of KEY_TILE keys, each tile's P~ = exp(S - m) put in e4m3 (x 448) against the
+    running max m, the sums so far rescaled as m grows; divided by the rowsum of the
+    unquantized P~."""
+    m = s.new_full((*s.shape[:-1], 1), float("-inf"))
+    rowsum = s.new_zeros((*s.shape[:-1], 1))
+    acc = s.new_zeros((*s.shape[:-1], v.shape[-1]))
+    for start in range(0, s.shape[-1], KEY_TILE):
+        tile = s[..., start:start + KEY_TILE]
+        m_new = torch.maximum(m, tile.amax(dim=-1, keepdim=True))
+        alpha = torch.exp(m - m_new)
+        p = torch.exp(tile - m_new)
+        rowsum = rowsum * alpha + p.sum(dim=-1, keepdim=True)
+        p8 = (p * FP8_MAX).to(FP8_DTYPE)  # p <= 1: never beyond 448
+        acc = acc * alpha + p8.float() @ v[..., start:start + KEY_TILE, :]
+        m = m_new
+    return acc / rowsum
 
 
 @torch.library.custom_op("fp8_fx::fp8_attention", mutates_args=())
 def fp8_attention(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor,
                   v8: torch.Tensor, v_scale: torch.Tensor, softmax_scale: float, recipe: str,
                   kernel: str, out_dtype: torch.dtype) -> torch.Tensor:
-    """Attention of quantized inputs by `kernel`: "cudnn" (kernels/cudnn_attention.py) or
-    "emulate" (the fp32 emulation, any device)."""
+    """Attention of quantized inputs by `kernel`: "cudnn" (recipe "tensor",
+    kernels/cudnn_attention.py), "triton" (recipe "smooth_int8", kernels/triton_attention.py)
+    or "emulate" (the fp32 emulation, any device)."""
+    if k8.shape[-2] == 0:
+        raise ValueError("FP8 attention needs at least one key (Sk = 0: softmax of nothing)")
     if kernel == "cudnn":
         if recipe != "tensor":
             raise ValueError(f"the cudnn kernel computes recipe 'tensor', not {recipe!r}")
         from .kernels import cudnn_attention
         return cudnn_attention.sdpa_fp8(q8, q_scale, k8, k_scale, v8, v_scale, softmax_scale,
                                         _new_output(q8, v8, FP8_DTYPE))
+    if kernel == "triton":
+        if recipe != "smooth_int8":
+            raise ValueError(f"the triton kernel computes recipe 'smooth_int8', not {recipe!r}")
+        from .kernels import triton_attention
+        return triton_attention.sdpa_smooth_int8(q8, q_scale, k8, k_scale, v8, v_scale, softmax_scale,
+                                                 _new_output(q8, v8, out_dtype))
     if kernel != "emulate":
         raise ValueError(f"FP8 attention kernel must be one of {KERNELS}, got {kernel!r}")
     return emulated_fp8_attention(q8, q_scale, k8, k_scale, v8, v_scale, softmax_scale, recipe, out_dtype)

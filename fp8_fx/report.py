@@ -55,7 +55,7 @@ class LinearDecision:
 @dataclasses.dataclass(frozen=True)
 class AttentionDecision:
     qualname: str  # the attention module's path ("blocks.0.attn1"), "" outside any module
-    action: Literal["cudnn", "emulate", "skipped"]  # the kernel, or skipped
+    action: Literal["cudnn", "triton", "emulate", "skipped"]  # the kernel, or skipped
     reason: str
     recipe: str
     graph: Optional[GraphInfo] = None

@@ -47,9 +47,10 @@ def hadamard(n):
 def recipe_attention(q, k, v, recipe, softmax_scale=None, rotate=False):
     """The recipe in float64. "tensor": K minus its token mean, then (rotate) Q and K times
     the +-1 Hadamard matrix, rounded to the inputs' dtype (a GEMM's output), over sqrt(D);
-    Q, K, V on the e4m3 grid, one scale each; O on V's grid. "smooth_int8": K minus its token mean; Q, K on the int8 grid (scale = block amax
-    / 127, blocks of 64 tokens); V on the e4m3 grid per channel. Both: P~ = exp(S - rowmax)
-    put on the e4m3 grid at a fixed scale 1/448, divided by the rowsum of the unquantized P~."""
+    Q, K, V on the e4m3 grid, one scale each; P~ = exp(S - rowmax) on the e4m3 grid at a
+    fixed scale 1/448, divided by the rowsum of the unquantized P~; O on V's grid.
+    "smooth_int8": K minus its token mean; Q, K on the int8 grid (scale = block amax / 127,
+    blocks of 64 tokens); V on the e4m3 grid per channel; P tile by tile (online_p_v)."""
     softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     dtype = q.dtype
     q, k, v = q.double(), k.double(), v.double()
@@ -74,9 +75,25 @@ def recipe_attention(q, k, v, recipe, softmax_scale=None, rotate=False):
         raise ValueError(recipe)
     vd = _on_grid(v, vs)
     s = qd @ kd.transpose(-1, -2) * softmax_scale
+    if recipe == "smooth_int8":
+        return online_p_v(s, vd)
     p = torch.exp(s - s.amax(dim=-1, keepdim=True))
     pd = round_to_e4m3(p * E4M3_MAX) / E4M3_MAX
-    o = (pd @ vd) / p.sum(dim=-1, keepdim=True)
-    if recipe == "tensor":
-        o = _on_grid(o, vs)
-    return o
+    return _on_grid((pd @ vd) / p.sum(dim=-1, keepdim=True), vs)
+
+
+def online_p_v(s, vd, tile=64):
+    """softmax(S) @ V as a flash-attention loop over tiles of 64 keys: each tile's
+    P~ = exp(S - m) on the e4m3 grid (x 448) against the max m of the keys so far; what was
+    summed before rescaled by exp(m_old - m_new); divided by the rowsum of the unquantized P~."""
+    m = torch.full((*s.shape[:-1], 1), -math.inf, dtype=torch.float64)
+    rowsum = torch.zeros((*s.shape[:-1], 1), dtype=torch.float64)
+    acc = torch.zeros((*s.shape[:-1], vd.shape[-1]), dtype=torch.float64)
+    for start in range(0, s.shape[-1], tile):
+        t = s[..., start:start + tile]
+        m_new = torch.maximum(m, t.amax(dim=-1, keepdim=True))
+        p = torch.exp(t - m_new)
+        rowsum = rowsum * torch.exp(m - m_new) + p.sum(dim=-1, keepdim=True)
+        acc = acc * torch.exp(m - m_new) + round_to_e4m3(p * E4M3_MAX) / E4M3_MAX @ vd[..., start:start + tile, :]
+        m = m_new
+    return acc / rowsum

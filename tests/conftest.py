@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # No GPU: Triton kernels run on CPU tensors in Triton's interpreter (if Triton is
+    # installed: the `interpret` extra). Read when Triton is imported, so before fp8_fx is.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

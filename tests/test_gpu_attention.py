@@ -1,5 +1,6 @@
 """On a Hopper GPU with nvidia-cudnn-frontend: cuDNN's FP8 attention (recipe "tensor")
-against the float64 recipe and the fp32 emulation, and the attention pass choosing it.
+against the float64 recipe and the fp32 emulation, and the attention pass choosing it
+(and, for "smooth_int8", fp8_fx's Triton kernel: tests/test_triton_attention.py has its numerics).
 Skipped elsewhere; run with `pytest -m gpu` on the GPU."""
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 
 from fp8_fx import AttentionConfig, FP8Config, make_fp8_backend
 from fp8_fx.attention_recipes import attention
-from fp8_fx.kernels import cudnn_attention
+from fp8_fx.kernels import cudnn_attention, triton_attention
 from attention_reference import exact_attention, recipe_attention
 from reference import rel_err
 
@@ -111,3 +112,22 @@ def test_varying_sequence_lengths_keep_the_cudnn_kernel():
             x = torch.randn(1, tokens, 512, device=CUDA, dtype=torch.bfloat16)
             assert rel_err(compiled(x), block(x)) < 0.03
     assert {d.action for d in backend.report.attention} == {"cudnn"}
+
+
+def test_pass_picks_the_triton_kernel_for_smooth_int8():
+    """Recipe "smooth_int8" on sm89+: fp8_fx's Triton kernel, compiled and self-checked at
+    compile time (kernels/triton_attention.py), in the compiled block."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    reason = triton_attention.why_not_device(torch.device(CUDA))
+    if reason:
+        pytest.skip(reason)
+    torch.manual_seed(0)
+    block = Block().to(CUDA, torch.bfloat16).eval()
+    x = torch.randn(1, 1000, 512, device=CUDA, dtype=torch.bfloat16)
+    backend = make_fp8_backend(FP8Config(targets=TARGETS, attention=AttentionConfig(recipe="smooth_int8")))
+    with torch.no_grad():
+        out = torch.compile(block, backend=backend)(x)
+        ref = block(x)
+    assert [(d.qualname, d.action) for d in backend.report.attention] == [("attn1", "triton")]
+    assert rel_err(out, ref) < 0.03

@@ -13,9 +13,11 @@ row quantization: the FP8 output is never written back in bf16.
 
 The kernel, one per call, in the report: "cudnn" (recipe "tensor" on sm90+ with
 nvidia-cudnn-frontend; the graph is built at compile time, so cuDNN's refusal of a shape
-is a reason in the report, not an error in the first forward); else the fp32 emulation
-("emulate") where FP8Config.fallback is "emulate"; else the call stays as it is, with the
-missing kernel named.
+is a reason in the report, not an error in the first forward); "triton" (recipe
+"smooth_int8" on sm89+, our kernel, compiled and checked against the emulation once per
+device and head dim at compile time); else the fp32 emulation ("emulate") where
+FP8Config.fallback is "emulate"; else the call stays as it is, with the missing kernel
+named.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import torch
 import torch.fx
 
 from .. import attention_recipes, presets, targeting
-from ..kernels import cudnn_attention
+from ..kernels import cudnn_attention, triton_attention
 from ..config import AttentionConfig, FP8Config
 from ..qualname import node_qualname
 from ..report import AttentionDecision
@@ -100,7 +102,7 @@ def _recipe_text(attention: AttentionConfig, head_dim: int) -> str:
 
 def decide(node: torch.fx.Node, qualname: Optional[str], attention: AttentionConfig,
            fallback: str) -> Tuple[str, str]:
-    """(action, reason): the kernel ("cudnn" or "emulate"), or "skipped"."""
+    """(action, reason): the kernel ("cudnn", "triton" or "emulate"), or "skipped"."""
     not_targeted = targeting.why_not_targeted(qualname, attention)
     if not_targeted:
         return "skipped", not_targeted
@@ -112,14 +114,19 @@ def decide(node: torch.fx.Node, qualname: Optional[str], attention: AttentionCon
     recipe = _recipe_text(attention, q.shape[-1])
     if q.device.type != "cuda":
         missing = f"no FP8 attention kernel for {q.device.type}"
-    elif attention.recipe != "tensor":
-        missing = (f"no FP8 attention kernel for recipe {attention.recipe!r} on GPUs yet "
-                   "(recipe 'tensor' runs cuDNN's)")
+    elif attention.recipe == "smooth_int8":
+        v = example_value(args["value"])
+        missing = triton_attention.why_not(q.device, q.shape[-1], v.shape[-1], q.dtype)
+        if missing is None:
+            return "triton", f"{recipe}, fp8_fx's Triton kernel"
+        missing = f"no FP8 attention kernel here: {missing}"
     else:
         missing = cudnn_attention.why_not(*_quantized_examples(args, attention), softmax_scale_of(args))
         if missing is None:
             return "cudnn", f"{recipe}, cuDNN FP8 SDPA"
         missing = f"no FP8 attention kernel here: {missing}"
+        if triton_attention.why_not_device(q.device) is None:
+            missing += "; AttentionConfig(recipe='smooth_int8') runs fp8_fx's Triton kernel on this GPU"
     if fallback == "emulate":
         return "emulate", f"{recipe}, emulated in fp32 (fallback='emulate'; {missing})"
     return "skipped", f"{missing} (FP8Config(fallback='emulate') runs {recipe} in fp32)"
