@@ -1,13 +1,14 @@
 """The self-attention of a Wan 14B block alone, on the GPU: torch's bf16 SDPA (cuDNN and
-flash backends) against fp8_fx's FP8 attention (recipe "tensor", cuDNN's FP8 kernel),
-timed side by side (interleaved, median), and each one's error against fp32 attention.
+flash backends) against fp8_fx's FP8 attention (recipe "tensor", cuDNN's FP8 kernel;
+recipe "smooth_int8", fp8_fx's Triton kernel), timed side by side (interleaved, median), and each one's error against fp32 attention.
 
     python benchmarks/bench_attention.py [--tokens 32760,75600] [--heads 40] [--out results.json]
 
 Rows: `sdpa_bf16_cudnn`, `sdpa_bf16_flash`; `fp8_kernel` (cuDNN's FP8 kernel alone, on
 inputs quantized beforehand); `fp8_fx` / `fp8_fx_norot` (what the compiled graph runs per
 call: Q/K/V quantization, with and without the Hadamard rotation, + kernel + dequantized
-output, compiled by Inductor on its own; in a block the quantization fuses further into
+output, compiled by Inductor on its own); `int8_kernel` / `fp8_fx_int8` (the same for
+"smooth_int8" and the Triton kernel; in a block the quantization fuses further into
 the RoPE/RMSNorm kernels). Errors: ||O - O_fp32|| / ||O_fp32|| over all heads, on
 N(0,1) inputs and on DiT-like ones (K with a channel bias, four outlier channels 10x in
 Q and K).
@@ -49,17 +50,20 @@ def rows_for(q, k, v):
 
     fused = {rot: torch.compile(lambda a, b, c, rot=rot: attention(a, b, c, "tensor", kernel="cudnn", rotate=rot))
              for rot in (True, False)}
-    pre = torch.ops.fp8_fx.quantize_attention_inputs(q, k, v, "tensor", True)
+    int8 = torch.compile(lambda a, b, c: attention(a, b, c, "smooth_int8", kernel="triton"))
 
-    def kernel_only():
-        return torch.ops.fp8_fx.fp8_attention(*pre, HEAD_DIM ** -0.5, "tensor", "cudnn",
-                                              output_dtype("tensor", q.dtype))
+    def kernel_only(recipe, kernel):
+        pre = torch.ops.fp8_fx.quantize_attention_inputs(q, k, v, recipe, True)
+        return lambda: torch.ops.fp8_fx.fp8_attention(*pre, HEAD_DIM ** -0.5, recipe, kernel,
+                                                      output_dtype(recipe, q.dtype))
     return {
         "sdpa_bf16_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
         "sdpa_bf16_flash": sdpa(SDPBackend.FLASH_ATTENTION),
-        "fp8_kernel": kernel_only,
+        "fp8_kernel": kernel_only("tensor", "cudnn"),
         "fp8_fx": lambda: fused[True](q, k, v),
         "fp8_fx_norot": lambda: fused[False](q, k, v),
+        "int8_kernel": kernel_only("smooth_int8", "triton"),
+        "fp8_fx_int8": lambda: int8(q, k, v),
     }
 
 
@@ -90,7 +94,7 @@ def main():
             with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
                 exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
             for name, fn in rows_for(q, k, v).items():
-                if name != "fp8_kernel":
+                if not name.endswith("_kernel"):
                     out = fn()
                     errors.setdefault(name, {})[case] = round(rel(out[0] if isinstance(out, tuple) else out, exact), 5)
             del exact

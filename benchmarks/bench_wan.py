@@ -38,7 +38,7 @@ TEXT_TOKENS = 512
 VARIANTS = ("bf16_eager", "bf16_compile", "fp8_fx_tensor", "fp8_fx_row", "fp8_fx_tensor_gpu_load",
             "fp8_fx_row_gpu_load", "fp8_fx_tensor_tuned", "fp8_fx_row_tuned", "fp8_fx_tensor_inductor",
             "fp8_fx_row_inductor", "fp8_fx_tensor_recompute", "fp8_fx_row_recompute", "fp8_fx_static",
-            "fp8_fx_attn_tensor", "fp8_fx_attn_tensor_norot", "fp8_fx_attn_row",
+            "fp8_fx_attn_tensor", "fp8_fx_attn_tensor_norot", "fp8_fx_attn_tensor_int8", "fp8_fx_attn_row",
             "torchao_tensor", "torchao_row")
 # Inductor options for fp8_fx variants by name suffix, passed to that backend's graphs only.
 INDUCTOR_PATCHES = {
@@ -143,7 +143,8 @@ def make_variant(name, gpu_net, cpu_net, regional=False, amax=None):
     fp8_fx_static: tensor-wise with static input scales from `amax` (calibrated on the bf16
     model run eagerly on other random inputs than the timed ones).
     fp8_fx_attn_<granularity>: FP8 linears of that granularity and FP8 self-attention
-    (AttentionConfig(): recipe "tensor", cuDNN's kernel); _norot without the Q/K rotation."""
+    (AttentionConfig(): recipe "tensor", cuDNN's kernel); _norot without the Q/K rotation;
+    _int8: recipe "smooth_int8" (fp8_fx's Triton kernel)."""
     if name == "bf16_eager":
         return gpu_net(), None
     if name == "bf16_compile":
@@ -157,8 +158,9 @@ def make_variant(name, gpu_net, cpu_net, regional=False, amax=None):
     if name.startswith("fp8_fx_"):
         attention = None
         if name.startswith("fp8_fx_attn_"):
-            attention = fp8_fx.AttentionConfig(recipe="tensor", rotate=not name.endswith("_norot"))
-            name = name.replace("_attn", "").replace("_norot", "")
+            attention = fp8_fx.AttentionConfig(recipe="smooth_int8" if name.endswith("_int8") else "tensor",
+                                               rotate=not name.endswith("_norot"))
+            name = name.replace("_attn", "").replace("_norot", "").replace("_int8", "")
         granularity = name.split("_")[2]
         # *_inductor: every activation quantized by Inductor's kernels (no triton_quantize)
         config = fp8_fx.FP8Config(granularity=granularity, triton_quantize=not name.endswith("_inductor"),
@@ -214,6 +216,51 @@ def profile_once(fn):
             gemm += ms
     return dict(nonattn_ms=total - attn, gemm_ms=gemm, attn_ms=attn, launches=launches,
                 kernels=sorted(names.items(), key=lambda kv: -kv[1]))
+
+
+def idle_gaps(gpu, host=(), top=5):
+    """GPU idle time within one forward, and its largest gaps with what the host was doing.
+
+    gpu: [(start_us, end_us, name)] of kernels, memcpys and memsets (any stream: overlapping
+    work counts once); host: the same for host-side ops and CUDA runtime calls.
+    Returns (idle_us, [dict(gap_us, after, before, host)]), the gaps largest first, `host`
+    naming the host events that overlap each gap, longest overlap first (up to 4)."""
+    gaps, busy_until, last = [], None, None
+    for start, end, name in sorted(gpu):
+        if busy_until is not None and start > busy_until:
+            gaps.append((start - busy_until, busy_until, start, last, name))
+        if busy_until is None or end > busy_until:
+            busy_until, last = end, name
+    report = []
+    for gap, lo, hi, after, before in sorted(gaps, key=lambda g: (-g[0], g[1]))[:top]:  # ties: earliest
+        overlaps = {}
+        for start, end, name in host:
+            overlap = min(end, hi) - max(start, lo)
+            if overlap > 0:
+                overlaps[name] = max(overlaps.get(name, 0), overlap)
+        names = [n for n, _ in sorted(overlaps.items(), key=lambda kv: -kv[1])[:4]]
+        report.append(dict(gap_us=round(gap, 1), after=after, before=before, host=names))
+    return sum(g[0] for g in gaps), report
+
+
+def gap_profile(fn):
+    """One forward profiled with host activity: GPU idle (ms), its largest gaps, and how many
+    host-side synchronizations and cudaMalloc/cudaFree calls it made."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    gpu, host = [], []
+    for e in prof.events():
+        interval = (e.time_range.start, e.time_range.end, e.name)
+        (gpu if e.device_type == torch.autograd.DeviceType.CUDA else host).append(interval)
+    idle_us, gaps = idle_gaps(gpu, host)
+    # waits on the GPU inside the forward: those that end before its last GPU work does (the
+    # synchronize after the forward ends with it)
+    last_gpu = max((end for _, end, _ in gpu), default=0)
+    syncs = sum(("Synchronize" in n or n.startswith("cudaMemcpy")) and end < last_gpu for _, end, n in host)
+    allocs = sum(n in ("cudaMalloc", "cudaFree") for _, _, n in host)
+    return dict(idle_ms=round(idle_us / 1e3, 3), host_syncs=syncs, cuda_mallocs=allocs, gaps=gaps)
 
 
 def fidelity(y, ref):
@@ -306,9 +353,17 @@ def bench(model, scope, tokens, variants, repeats, iters, log, regional=False, f
                               rel_err=rel, cosine=cos, rel_errs=[f[0] for f in fid],
                               nonattn_ms=round(prof["nonattn_ms"], 3), gemm_ms=round(prof["gemm_ms"], 3),
                               attn_ms=round(prof["attn_ms"], 3), launches=prof["launches"], **fp32_fields)
+            gaps = gap_profile(fns[name])
+            rows[name].update(idle_ms=gaps["idle_ms"], host_syncs=gaps["host_syncs"],
+                              cuda_mallocs=gaps["cuda_mallocs"])
             log.write(f"\n## {model} {scope} {tokens} {name}: top kernels\n")
             for k, ms in prof["kernels"][:25]:
                 log.write(f"{ms:9.3f} ms  {k[:160]}\n")
+            log.write(f"GPU idle {gaps['idle_ms']} ms (profiled with host activity); host syncs "
+                      f"{gaps['host_syncs']}, cudaMalloc/Free {gaps['cuda_mallocs']}; largest gaps:\n")
+            for g in gaps["gaps"]:
+                log.write(f"  {g['gap_us']:8.1f} us after {g['after'][:60]} before {g['before'][:60]}; "
+                          f"host: {', '.join(h[:60] for h in g['host'])}\n")
             if backend is not None:
                 log.write(str(backend.report) + "\n")
             log.flush()
