@@ -17,7 +17,7 @@ import torch
 import torch.fx
 from torch._inductor.compile_fx import compile_fx
 
-from . import presets, targeting, weight_cache
+from . import offload, presets, targeting, weight_cache
 from .config import FP8Config
 from .denoising_steps import DenoisingSteps
 from .passes import FP8Pass, cache_key_patch, run_passes
@@ -81,7 +81,8 @@ class FP8Backend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
                  mode: Optional[str] = None, options: Optional[Dict[str, Any]] = None) -> Callable:
         patches = _inductor_patches(mode, options, self.inductor_config_patches)
-        root_class, root = _traced_root()
+        root_module, root = _traced_root()
+        root_class = type(root_module) if root_module is not None else None
         # The preset for this graph (FP8Config.preset), chosen from the classes it traced:
         # the passes then see its entries as the targets (a block's own under regional
         # compilation), and the cache key sees them too.
@@ -111,6 +112,8 @@ class FP8Backend:
                 "fp8_fx is inference-only (its FP8 ops have no backward). Call the compiled "
                 "model under torch.no_grad() or torch.inference_mode().")
 
+        if root_module is not None:  # offloading this backend would run slowly, without FP8 or wrongly
+            offload.check(root_module, config, name=f"the compiled {root}")
         slots = linear.weight_slots
         _check_no_meta_weights(slots, example_inputs)
         example_fp8 = weight_cache.quantized_inputs(example_inputs, slots)
@@ -283,11 +286,12 @@ def _check_inductor_keys(patches: Dict[str, Any], where: str) -> None:
                          "those of torch._inductor.config (e.g. 'max_autotune', 'triton.cudagraphs')")
 
 
-def _traced_root() -> Tuple[Optional[type], str]:
-    """(class, label) of the module Dynamo traced (the model, or a block under regional
+def _traced_root() -> Tuple[Optional[torch.nn.Module], str]:
+    """(module, label) of the module Dynamo traced (the model, or a block under regional
     compilation); (None, the function's name) for a function. Dynamo's tracer is private
     API: on a torch where it moved this says (None, "") rather than fail a compile (the
-    preset is then chosen from the graph's module classes alone)."""
+    preset is then chosen from the graph's module classes alone, and no offloading check
+    runs at compile time)."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
         tx = InstructionTranslator.current_tx()
@@ -295,7 +299,7 @@ def _traced_root() -> Tuple[Optional[type], str]:
         # The module is forward's first argument, whatever it is called.
         first = tx.f_locals.get(code.co_varnames[0]) if code.co_argcount else None
         if isinstance(first, torch.nn.Module):
-            return type(first), type(first).__name__
+            return first, type(first).__name__
         return None, code.co_name
     except Exception:  # noqa: BLE001 - a label and a hint only
         return None, ""

@@ -52,6 +52,14 @@ class _Entry:
     identity: tuple
     fp8: torch.Tensor
     scale: torch.Tensor
+    requantized_in_a_row: int = 0  # calls in a row that found the weight changed
+
+
+# A weight found changed at this many calls in a row is being handed new storage at every
+# call (offloading that moves bf16 weights, or a loop that reloads them), not edited once
+# (a LoRA fused, new weights loaded: the calls in between find it unchanged).
+REQUANTIZED_IN_A_ROW_WARNING = 3
+_warned_requantized = False  # once per process: every weight of the model would say the same
 
 
 class _Entries(dict):
@@ -71,10 +79,17 @@ def quantized_weight(weight: torch.Tensor, granularity: str, qualname: str = "")
     shard has scales of its own (distributed/tensor_parallel.py)."""
     entries: Optional[Dict[str, _Entry]] = weight.__dict__.get(_ATTR)
     identity = _identity(weight)
+    streak = 0
     if entries is not None:
         entry = entries.get(granularity)
-        if entry is not None and entry.identity == identity:
-            return entry.fp8, entry.scale
+        if entry is not None:
+            if entry.identity == identity:
+                if entry.requantized_in_a_row:
+                    entry.requantized_in_a_row = 0
+                return entry.fp8, entry.scale
+            streak = entry.requantized_in_a_row + 1
+            if streak == REQUANTIZED_IN_A_ROW_WARNING:
+                _warn_requantized(qualname, weight, entry)
     if weight.device.type == "meta":
         raise ValueError(
             "fp8_fx: a converted weight is on the meta device; load real weights before "
@@ -89,8 +104,24 @@ def quantized_weight(weight: torch.Tensor, granularity: str, qualname: str = "")
     if entries is None:
         entries = _Entries()
         weight.__dict__[_ATTR] = entries
-    entries[granularity] = _Entry(identity, fp8, scale)
+    entries[granularity] = _Entry(identity, fp8, scale, streak)
     return fp8, scale
+
+
+def _warn_requantized(qualname: str, weight: torch.Tensor, old: _Entry) -> None:
+    global _warned_requantized
+    if _warned_requantized:
+        return
+    _warned_requantized = True
+    warnings.warn(
+        f"fp8_fx: the weight of {qualname or 'a converted layer'} (and likely the others) had new storage at "
+        f"{REQUANTIZED_IN_A_ROW_WARNING} calls in a row (on {weight.device} now; its last FP8 copy was "
+        f"made on {old.fp8.device}), so its FP8 copy is made again at every call: offloading that moves "
+        "bf16 weights (model CPU offload, group offloading) or a loop that reloads them. That is slow, "
+        "and copies made on the GPU outlive the offloaded weights. Convert to FP8 weights at rest "
+        "first (fp8_fx.convert_to_fp8(model) before compiling, or fp8_fx.compile_experts(pipe, "
+        "fp8_at_rest=True)): offloading then moves the FP8 weights themselves. (Said once per process.)",
+        RuntimeWarning, stacklevel=3)
 
 
 def quantized_inputs(inputs: Sequence[torch.Tensor], slots) -> List[torch.Tensor]:

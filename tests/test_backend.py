@@ -1,6 +1,8 @@
 """The whole backend on CPU, through Inductor: numerics against the float64 emulation
 of the recipe, the decisions it records, and every bad input the README promises."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -342,6 +344,28 @@ def test_weights_changed_in_place_are_requantized_once():
     assert rel_err(y, reference_fp8_linear(x, lin.weight, lin.bias, "tensor")) < 1e-6
     assert torch.equal(y, y_again)
     assert fp8_copies(model) == 1
+
+
+def test_weights_replaced_at_every_call_warn_once_and_edits_now_and_then_do_not(monkeypatch):
+    from fp8_fx import weight_cache
+    monkeypatch.setattr(weight_cache, "_warned_requantized", False)
+    model = OneLinear().eval()
+    x = torch.randn(4, 64)
+    _, _, compiled = run(model, x, backend=make_fp8_backend(ONE))
+    lin = model.attn1.to_q
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        for _ in range(5):  # a weight edited between calls, each edit followed by a call that reuses the copy
+            lin.weight.mul_(-1.0)
+            compiled(x)
+            compiled(x)
+        assert not [w for w in caught if "new storage" in str(w.message)]
+        for _ in range(3):  # new storage at every call: what offloading that moves weights does
+            lin.weight.data = lin.weight.data.clone()
+            y = compiled(x)
+    said = [str(w.message) for w in caught if "new storage" in str(w.message)]
+    assert len(said) == 1 and "attn1.to_q" in said[0] and "convert_to_fp8" in said[0]
+    assert rel_err(y, reference_fp8_linear(x, lin.weight, lin.bias, "tensor")) < 1e-6  # still right
 
 
 def test_changing_sequence_length_compiles_at_most_twice():

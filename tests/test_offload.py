@@ -11,6 +11,7 @@ is benchmarks/bench_offload.py's.
 Tolerance: as tests/test_experts.py (3% per forward against the eager bf16 pipeline;
 FP8 moves a forward by ~1%, a wrong or stale weight by 10-100%).
 """
+import re
 import warnings
 
 import pytest
@@ -104,19 +105,38 @@ def test_model_cpu_offload_of_fp8_weights_at_rest_whole_model_compiled(quantizat
 # 2. bf16 weights that offloading moves: the problem, and the refusal
 
 
-def test_moved_bf16_weights_are_quantized_again_at_every_onload(quantizations):
+def test_moved_bf16_weights_are_quantized_again_at_every_onload(quantizations, monkeypatch):
     # What compile_experts refuses, shown with a bare backend: the FP8 copies of bf16
     # weights are made again whenever offloading hands the layers new tensors, and stay on
     # the parameters (on a GPU: on the GPU) while the weights sit offloaded.
     pipe = tiny_pipeline(1)
+    # Under regional compilation the backend sees the blocks only, not the hook on the
+    # transformer: the weight cache notices the new storage at every call and warns.
+    monkeypatch.setattr(weight_cache, "_warned_requantized", False)
     pipe.transformer.compile_repeated_blocks(backend=fp8_fx.make_fp8_backend(EMULATE), fullgraph=True)
     pipe.enable_model_cpu_offload(device="cpu")
-    run_pipe(pipe, steps=2)
-    quantizations[0] = 0
-    run_pipe(pipe, steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_pipe(pipe, steps=2)  # the compile's copy, then two calls with new storage: not yet
+        quantizations[0] = 0
+        run_pipe(pipe, steps=2)
     assert quantizations[0] == 2 * BLOCKS * 10  # every forward: all 20 block linears again
+    said = [str(w.message) for w in caught if "new storage" in str(w.message)]
+    assert len(said) == 1  # once, not once per weight
+    assert re.search(r"new storage at 3 calls in a row .* made again at every call: offloading .*convert_to_fp8",
+                     said[0])
     pipe.maybe_free_model_hooks()  # the pipeline's end-of-call offload
     assert weight_cache.fp8_copies(pipe.transformer) == 20
+
+
+def test_a_hand_built_backend_checks_the_offloading_of_what_it_compiles():
+    # torch.compile with make_fp8_backend (no compile_experts): the backend checks the module
+    # it traced when it compiles (the first forward, after offloading was set up).
+    pipe = tiny_pipeline(1)
+    pipe.transformer.enable_group_offload(onload_device=CPU, offload_type="leaf_level")
+    pipe.transformer.compile_repeated_blocks(backend=fp8_fx.make_fp8_backend(EMULATE))
+    with pytest.raises(Exception, match=r"the compiled WanTransformerBlock uses leaf-level group offloading"):
+        run_pipe(pipe)
 
 
 def test_bf16_weights_that_offloading_moves_are_refused_in_either_order(tmp_path):
