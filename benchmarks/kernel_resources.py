@@ -1,8 +1,9 @@
-"""Compile fp8_fx's Triton quantize kernels for an NVIDIA target without a GPU and print
-what the compiler reports: registers, stack, spills, SASS instruction counts.
+"""Compile fp8_fx's Triton kernels for an NVIDIA target without a GPU and print what the
+compiler reports: registers, stack, spills, SASS instruction counts.
 
     pip install triton                 # any machine, no GPU or driver needed
     python benchmarks/kernel_resources.py [--arch 90] [--cast-block 4096] [--row-block-k 2048]
+    python benchmarks/kernel_resources.py --attention [--arch 89]   # the smooth_int8 attention kernel
 
 Costs no device time: check that a kernel change still compiles for sm_90 and what it does
 to registers (occupancy) and instructions per element before spending a GPU call on it.
@@ -37,13 +38,14 @@ CAST_SIGNATURE = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "amax_bits_ptr": "*i32"
                   "MIN_SCALE": "constexpr"}
 
 
-def compile_kernel(fn, signature, constexprs, num_warps, arch):
+def compile_kernel(fn, signature, constexprs, num_warps, arch, num_stages=None):
     # What a launch specializes on: pointers and sizes divisible by 16 (Wan's are), which
     # lets Triton vectorize loads and stores; without it every access is scalar.
     aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
                for name, kind in signature.items() if kind.startswith("*") or kind == "i32"}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    options = {"num_warps": num_warps, **({"num_stages": num_stages} if num_stages else {})}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def resources(kernel) -> dict:
@@ -65,6 +67,26 @@ def resources(kernel) -> dict:
     return out
 
 
+def attention_kernels(arch):
+    """kernels/triton_attention.py's kernel as a Wan launch specializes it: int8 Q/K, e4m3 V,
+    bf16 output, unit strides along the head dim and the scales' token axis."""
+    from fp8_fx.kernels import triton_attention as ta
+    fn = ta._compiled_kernel
+    ptrs = {"q_ptr": "*i8", "k_ptr": "*i8", "v_ptr": "*fp8e4nv", "o_ptr": "*bf16"}
+    unit = {"sq_d", "sk_d", "sv_d", "so_d", "svs_d", "sqs_s", "sks_s"}
+    blocks = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "EXACT_E4M3")
+    signature = {n: (ptrs.get(n, "*fp32") if n.endswith("_ptr") else "fp32" if n == "qk_scale"
+                     else "constexpr" if n in unit or n in blocks else "i32") for n in fn.arg_names}
+    out = {}
+    for head_dim in (64, 128):
+        block_d = ta.block_d(head_dim)
+        constexprs = dict(BLOCK_M=ta.BLOCK_M, BLOCK_N=ta.BLOCK_N, BLOCK_D=block_d, EXACT_E4M3=False,
+                          **{n: 1 for n in unit})
+        out[f"attention d{head_dim}"] = compile_kernel(fn, signature, constexprs, 8 if block_d >= 128 else 4,
+                                                        arch, num_stages=2)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100), 89 (L40S, 4090)")
@@ -72,7 +94,12 @@ def main():
     p.add_argument("--cast-warps", type=int, default=tq.TENSOR_CONFIG.cast_warps)
     p.add_argument("--row-block-k", type=int, default=tq.row_config(13824).block_k)
     p.add_argument("--row-warps", type=int, default=tq.row_config(13824).num_warps)
+    p.add_argument("--attention", action="store_true", help="the smooth_int8 attention kernel instead")
     args = p.parse_args()
+    if args.attention:
+        for name, kernel in attention_kernels(args.arch).items():
+            print(f"sm_{args.arch} {name} " + " ".join(f"{k} {v}" for k, v in resources(kernel).items()))
+        return
     limits = {"FP8_MAX": ops.FP8_MAX, "MIN_SCALE": ops.MIN_SCALE}
     c = tq.TENSOR_CONFIG
     for activation, act in tq._ACT_ID.items():
