@@ -3,6 +3,7 @@ flash backends) against fp8_fx's FP8 attention (recipe "tensor", cuDNN's FP8 ker
 recipe "smooth_int8", fp8_fx's Triton kernel), timed side by side (interleaved, median), and each one's error against fp32 attention.
 
     python benchmarks/bench_attention.py [--tokens 32760,75600] [--heads 40] [--out results.json]
+    python benchmarks/bench_attention.py --sweep [--tokens 32760]   # the Triton kernel's launch configs
 
 Rows: `sdpa_bf16_cudnn`, `sdpa_bf16_flash`; `fp8_kernel` (cuDNN's FP8 kernel alone, on
 inputs quantized beforehand); `fp8_fx` / `fp8_fx_norot` (what the compiled graph runs per
@@ -67,6 +68,30 @@ def rows_for(q, k, v):
     }
 
 
+SWEEP = [dict(block_m=m, block_n=n, num_warps=w, num_stages=st)
+         for m in (64, 128) for n in (64, 128) for w in (4, 8) for st in (2, 3)]
+
+
+def sweep(tokens, heads, repeats):
+    """The smooth_int8 Triton kernel alone under each launch config, on the same inputs
+    (block_n other than the recipe's 64 times other numerics, not the recipe's)."""
+    from fp8_fx.kernels import triton_attention as ta
+    q, k, v = draw(tokens, heads, "gaussian")
+    pre = torch.ops.fp8_fx.quantize_attention_inputs(q, k, v, "smooth_int8")
+    out = torch.empty_like(q)
+    flops = 4 * heads * tokens * tokens * HEAD_DIM
+    for c in SWEEP:
+        config = ta.LaunchConfig(**c)
+        try:
+            ta.sdpa_smooth_int8(*pre, HEAD_DIM ** -0.5, out, config)  # compile
+            ms = statistics.median(cuda_ms(lambda: ta.sdpa_smooth_int8(*pre, HEAD_DIM ** -0.5, out, config), 3)
+                                   for _ in range(repeats))
+            row = dict(tokens=tokens, sweep=c, ms=round(ms, 3), tflops=round(flops / ms / 1e9, 1))
+        except Exception as error:  # e.g. out of shared memory for the larger tiles
+            row = dict(tokens=tokens, sweep=c, error=f"{type(error).__name__}: {str(error)[:200]}")
+        print(json.dumps(row), flush=True)
+
+
 def rel(a, b):
     return ((a.float() - b).norm() / b.norm()).item()
 
@@ -77,7 +102,12 @@ def main():
     p.add_argument("--heads", type=int, default=40)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--out")
+    p.add_argument("--sweep", action="store_true", help="time the Triton kernel's launch configs only")
     args = p.parse_args()
+    if args.sweep:
+        for tokens in map(int, args.tokens.split(",")):
+            sweep(tokens, args.heads, args.repeats)
+        return
     results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, heads=args.heads, rows=[])
     for tokens in map(int, args.tokens.split(",")):
         q, k, v = draw(tokens, args.heads, "gaussian")

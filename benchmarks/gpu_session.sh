@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call: install carried wheels, run the test suite ($PYTEST_ARGS: CPU tests
 # under the GPU machine's torch, plus the GPU tests), the quantize microbenchmark
-# ($QUANT_ARGS, when set), the attention microbenchmark ($ATTN_ARGS, when set), then the
-# benchmark rows named in $BENCH_ARGS.
+# ($QUANT_ARGS, when set), the attention microbenchmark ($ATTN_ARGS, when set), the Triton
+# attention kernel's launch-config sweep ($SWEEP_ARGS, when set), then the benchmark rows
+# named in $BENCH_ARGS.
 # Tests and microbenchmark stop at their *_TIMEOUT so the later stages still run.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -22,6 +23,10 @@ fi
 if [ -n "${ATTN_ARGS+set}" ]; then
   timeout "${ATTN_TIMEOUT:-240}" python3 benchmarks/bench_attention.py $ATTN_ARGS --out "$OUT/attention.json" 2>&1 \
     | grep --line-buffered -v -i "warning" | tee "$OUT/attention.txt"
+fi
+if [ -n "${SWEEP_ARGS+set}" ]; then  # the Triton attention kernel's launch configs
+  timeout "${SWEEP_TIMEOUT:-180}" python3 benchmarks/bench_attention.py --sweep $SWEEP_ARGS 2>&1 \
+    | grep --line-buffered -v -i "warning" | tee "$OUT/sweep.txt"
 fi
 if [ -n "${BENCH_ARGS:-}" ]; then
   python3 benchmarks/bench_wan.py $BENCH_ARGS --out "$OUT/results.json" --log "$OUT/bench_kernels.log" 2>&1 \

@@ -33,6 +33,7 @@ instead of a wrong answer or a crash in the first forward.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import math
@@ -51,6 +52,17 @@ except ImportError:
 MIN_CAPABILITY = (8, 9)  # e4m3 tensor-core MMA: Ada (sm89) and newer
 MAX_HEAD_DIM = 256
 BLOCK_M, BLOCK_N = 128, KEY_TILE
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """Tiles and launch options. BLOCK_N is part of the recipe (the emulation's KEY_TILE):
+    another block_n computes P against other running maxima (a sweep's timing, not the
+    recipe's numbers). Not tuned on a GPU yet (benchmarks/bench_attention.py --sweep)."""
+    block_m: int = BLOCK_M
+    block_n: int = BLOCK_N
+    num_warps: Optional[int] = None  # None: 8 for head dims above 64, else 4
+    num_stages: int = 2
 SELF_CHECK_TOLERANCE = 5e-3  # relative to the emulation's output
 
 
@@ -121,7 +133,7 @@ def block_d(head_dim: int) -> int:
 
 def sdpa_smooth_int8(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor,
                      v8: torch.Tensor, v_scale: torch.Tensor, softmax_scale: float,
-                     out: torch.Tensor) -> torch.Tensor:
+                     out: torch.Tensor, config: LaunchConfig = LaunchConfig()) -> torch.Tensor:
     """Write the recipe's attention of (q8, k8, v8) into `out` (B, H, Sq, Dv), any strides."""
     if triton is None:
         raise RuntimeError("the 'triton' FP8 attention kernel needs Triton (pip install triton)")
@@ -138,14 +150,15 @@ def sdpa_smooth_int8(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, 
     # per-token Q/K scales (B, H, S, 1) and per-channel V scales (B, H, 1, D), possibly expanded
     qs, ks, vs = (t.expand(*shape) for t, shape in ((q_scale, (b, h, sq, 1)), (k_scale, (b, h, sk, 1)),
                                                       (v_scale, (b, h, 1, d))))
-    grid = (triton.cdiv(sq, BLOCK_M), b * h)
+    grid = (triton.cdiv(sq, config.block_m), b * h)
+    warps = config.num_warps or (8 if block_d(d) >= 128 else 4)
     _compiled_kernel[grid](
         q8, qs, k8, ks, v8, vs, out,
         *q8.stride(), *qs.stride()[:3], *k8.stride(), *ks.stride()[:3], *v8.stride(),
         vs.stride(0), vs.stride(1), vs.stride(3), *out.stride(),
         h, sq, sk, d, softmax_scale * math.log2(math.e),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d(d), EXACT_E4M3=interpret,
-        num_warps=8 if block_d(d) >= 128 else 4, num_stages=2)
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d(d), EXACT_E4M3=interpret,
+        num_warps=warps, num_stages=config.num_stages)
     return out
 
 
