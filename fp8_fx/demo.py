@@ -45,8 +45,9 @@ def build_parser(prog: str = "python -m fp8_fx demo") -> argparse.ArgumentParser
                         "'weight_only' keeps FP8 weights and computes in bf16")
     p.add_argument("--attention", choices=("off", *ATTENTION_RECIPES), default="off",
                    help="FP8 self-attention (attn1) with this recipe as well (default off); on a GPU "
-                        "'tensor' runs cuDNN's FP8 kernel (Hopper, nvidia-cudnn-frontend), elsewhere "
-                        "--fallback emulate runs the recipe in fp32")
+                        "'tensor' runs cuDNN's FP8 kernel (Hopper, nvidia-cudnn-frontend) and "
+                        "'smooth_int8' fp8_fx's Triton kernel (sm89+); elsewhere --fallback emulate "
+                        "runs the recipe in fp32")
     p.add_argument("--attention-bf16-steps", default="0,0", metavar="FIRST,LAST",
                    help="with --attention: keep attention in bf16 for the first FIRST and the last LAST "
                         "denoising steps (default 0,0)")
