@@ -263,3 +263,50 @@ def test_the_fp8_attention_output_is_to_outs_gemm_input_as_it_is():
     assert rel_err(out, expected) < 1e-4
     code = backend.graphs[0].code
     assert "fp8_fx.quantize.default" not in code and "fp8_fx.dequantize" not in code
+
+
+def _sdpa_on_a_gpu(head_dim=64, v_head_dim=None):
+    """An SDPA node whose traced values are (fake) CUDA tensors: the pass's GPU branches,
+    decided on a machine without one."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    graph = torch.fx.Graph()
+    with FakeTensorMode():
+        values = [torch.empty(1, 2, 256, d, device="cuda", dtype=torch.bfloat16)
+                  for d in (head_dim, head_dim, v_head_dim or head_dim)]
+        nodes = []
+        for name, value in zip("qkv", values):
+            nodes.append(graph.placeholder(name))
+            nodes[-1].meta["example_value"] = value
+        node = graph.call_function(F.scaled_dot_product_attention, tuple(nodes))
+        node.meta["example_value"] = F.scaled_dot_product_attention(*values)
+    return node
+
+
+def test_on_a_gpu_smooth_int8_gets_the_triton_kernel_or_its_reason(monkeypatch):
+    from fp8_fx.kernels import cudnn_attention, triton_attention
+    from fp8_fx.passes.attention import decide
+    node = _sdpa_on_a_gpu()
+    int8 = AttentionConfig(recipe="smooth_int8", targets=("attn1",))
+    monkeypatch.setattr(triton_attention, "why_not", lambda device, d, dv, dtype: None)
+    assert decide(node, "attn1", int8, "weight_only") == ("triton", "recipe 'smooth_int8', fp8_fx's Triton kernel")
+    monkeypatch.setattr(triton_attention, "why_not", lambda *a: "the kernel failed its self-check: X")
+    action, reason = decide(node, "attn1", int8, "weight_only")
+    assert action == "skipped" and "no FP8 attention kernel here: the kernel failed its self-check: X" in reason
+    # recipe "tensor" where cuDNN's FP8 attention is not (an Ada GPU): the reason points at smooth_int8
+    from fp8_fx.passes import attention as attention_pass
+    monkeypatch.setattr(attention_pass, "_quantized_examples", lambda args, attention: (None, None, None))
+    monkeypatch.setattr(cudnn_attention, "why_not", lambda *a: "cuDNN FP8 attention needs sm90+ (Hopper)")
+    monkeypatch.setattr(triton_attention, "why_not_device", lambda device: None)
+    action, reason = decide(node, "attn1", AttentionConfig(targets=("attn1",)), "weight_only")
+    assert action == "skipped" and "needs sm90+" in reason
+    assert "AttentionConfig(recipe='smooth_int8') runs fp8_fx's Triton kernel on this GPU" in reason
+
+
+def test_the_triton_kernel_names_the_shapes_it_does_not_take(monkeypatch):
+    from fp8_fx.kernels import triton_attention
+    monkeypatch.setattr(triton_attention, "why_not_device", lambda device: None)
+    monkeypatch.setattr(triton_attention, "_self_check", lambda *a: None)
+    cuda = torch.device("cuda", 0)
+    assert triton_attention.why_not(cuda, 128, 128, torch.bfloat16) is None
+    assert "head dim 512 (the 'triton' kernel takes up to 256)" in triton_attention.why_not(cuda, 512, 512, torch.bfloat16)
+    assert "V's head dim 64 differs from Q's 128" in triton_attention.why_not(cuda, 128, 64, torch.bfloat16)
