@@ -81,6 +81,11 @@ def test_kernel_refuses_what_it_does_not_compute(monkeypatch):
     quantized[5] = quantized[5][..., :16]
     with pytest.raises(ValueError, match="V's head dim"):
         fp8_attention(*quantized, 0.1, "smooth_int8", "triton", OUT_DTYPE)
+    huge = torch.zeros(1, 1, 1, 32, dtype=torch.int8, device=DEVICE).expand(1, 4096, 2**14, 32)  # 2^31 values
+    scale = torch.ones((), device=DEVICE)
+    with pytest.raises(ValueError, match="at most 2\\^31 values of Q, K or V per batch element"):
+        triton_attention.sdpa_smooth_int8(huge, scale, huge, scale, huge.view(torch.float8_e4m3fn), scale, 0.1,
+                                          torch.empty(0, device=DEVICE))
     if DEVICE == "cpu":
         monkeypatch.setattr(triton_attention, "interpreting", lambda: False)
         with pytest.raises(RuntimeError, match="runs on CUDA GPUs, not cpu"):

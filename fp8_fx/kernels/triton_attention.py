@@ -63,6 +63,8 @@ class LaunchConfig:
     block_n: int = BLOCK_N
     num_warps: Optional[int] = None  # None: 8 for head dims above 64, else 4
     num_stages: int = 2
+
+
 SELF_CHECK_TOLERANCE = 5e-3  # relative to the emulation's output
 
 
@@ -77,7 +79,7 @@ if triton is not None:
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
             EXACT_E4M3: tl.constexpr):
         start_m = tl.program_id(0)
-        bh = tl.program_id(1)
+        bh = tl.program_id(1).to(tl.int64)  # batch and head offsets in 64 bits: B*H*S*D may pass 2^31
         b, h = bh // H, bh % H
         rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_D)
@@ -145,6 +147,9 @@ def sdpa_smooth_int8(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, 
     sk = k8.shape[-2]
     if v8.shape[-1] != d:
         raise ValueError(f"the 'triton' FP8 attention kernel needs V's head dim ({v8.shape[-1]}) equal to Q's ({d})")
+    if max(sq, sk) * h * d >= 2**31:  # offsets within one batch element are 32-bit
+        raise ValueError(f"the 'triton' FP8 attention kernel takes at most 2^31 values of Q, K or V per batch "
+                         f"element; this call has {max(sq, sk)} tokens x {h} heads x {d}")
     if out.numel() == 0:
         return out
     # per-token Q/K scales (B, H, S, 1) and per-channel V scales (B, H, 1, D), possibly expanded
