@@ -288,7 +288,8 @@ def _check_inductor_keys(patches: Dict[str, Any], where: str) -> None:
 
 def _traced_root() -> Tuple[Optional[torch.nn.Module], str]:
     """(module, label) of the module Dynamo traced (the model, or a block under regional
-    compilation); (None, the function's name) for a function. Dynamo's tracer is private
+    compilation; the first module among the traced frame's arguments, which after a graph
+    break in a hook is the hooked module); (None, the function's name) for a function. Dynamo's tracer is private
     API: on a torch where it moved this says (None, "") rather than fail a compile (the
     preset is then chosen from the graph's module classes alone, and no offloading check
     runs at compile time)."""
@@ -296,10 +297,12 @@ def _traced_root() -> Tuple[Optional[torch.nn.Module], str]:
         from torch._dynamo.symbolic_convert import InstructionTranslator
         tx = InstructionTranslator.current_tx()
         code = tx.f_code
-        # The module is forward's first argument, whatever it is called.
-        first = tx.f_locals.get(code.co_varnames[0]) if code.co_argcount else None
-        if isinstance(first, torch.nn.Module):
-            return first, type(first).__name__
+        # The module is forward's first argument, whatever it is called; after a graph
+        # break (offloading hooks: `new_forward(module, ...)` resumed) another argument.
+        for name in code.co_varnames[:code.co_argcount]:
+            value = tx.f_locals.get(name)
+            if isinstance(value, torch.nn.Module):
+                return value, type(value).__name__
         return None, code.co_name
     except Exception:  # noqa: BLE001 - a label and a hint only
         return None, ""

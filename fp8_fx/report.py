@@ -149,6 +149,8 @@ def format_attention_table(decisions: List[AttentionDecision]) -> str:
     rows = [(d.qualname or "<no module>", d.action, d.reason) for d in decisions]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(2)]
     lines = [f"{r[0].ljust(widths[0])}  {r[1].ljust(widths[1])}  {r[2]}" for r in [header, *rows]]
-    converted = sum(d.converted for d in decisions)
-    return "\n".join([*lines, f"({len(decisions)} attention calls: {converted} FP8, "
-                                f"{len(decisions) - converted} skipped)"])
+    counts = {}
+    for d in decisions:  # by kernel: "emulate" is the recipe in fp32, not FP8 hardware
+        counts[d.action] = counts.get(d.action, 0) + 1
+    summary = ", ".join(f"{n} {a}" for a, n in counts.items()) or "none seen"
+    return "\n".join([*lines, f"({len(decisions)} attention calls: {summary})"])

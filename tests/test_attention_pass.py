@@ -194,7 +194,7 @@ def test_wan_self_attention_in_fp8_whole_and_regional():
     assert [(d.qualname, d.action) for d in backend.report.attention] == [
         ("blocks.0.attn1", "emulate"), ("blocks.0.attn2", "skipped"),
         ("blocks.1.attn1", "emulate"), ("blocks.1.attn2", "skipped")]
-    assert "attention calls: 2 FP8, 2 skipped" in str(backend.report)
+    assert "(4 attention calls: 2 emulate, 2 skipped)" in str(backend.report)
     torch._dynamo.reset()
     y_regional, backend = run_wan(model, regional, attention)
     assert [(d.qualname, d.action) for d in backend.report.attention] == [("attn1", "emulate"), ("attn2", "skipped")]

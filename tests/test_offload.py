@@ -129,7 +129,7 @@ def test_moved_bf16_weights_are_quantized_again_at_every_onload(quantizations, m
     assert weight_cache.fp8_copies(pipe.transformer) == 20
 
 
-def test_a_hand_built_backend_checks_the_offloading_of_what_it_compiles():
+def test_a_hand_built_backend_checks_the_offloading_of_what_it_compiles(tmp_path):
     # torch.compile with make_fp8_backend (no compile_experts): the backend checks the module
     # it traced when it compiles (the first forward, after offloading was set up).
     pipe = tiny_pipeline(1)
@@ -137,6 +137,18 @@ def test_a_hand_built_backend_checks_the_offloading_of_what_it_compiles():
     pipe.transformer.compile_repeated_blocks(backend=fp8_fx.make_fp8_backend(EMULATE))
     with pytest.raises(Exception, match=r"the compiled WanTransformerBlock uses leaf-level group offloading"):
         run_pipe(pipe)
+    # Block level to disk: the group hook breaks the block's graph, and the linears are traced
+    # in the hook's resumed frame, whose argument is the block: found there, and refused.
+    for compile_whole in (False, True):
+        pipe = tiny_pipeline(1)
+        group_offload(pipe.transformer, offload_to_disk_path=str(tmp_path / f"whole{compile_whole}"))
+        if compile_whole:
+            pipe.transformer = torch.compile(pipe.transformer, backend=fp8_fx.make_fp8_backend(EMULATE))
+        else:
+            pipe.transformer.compile_repeated_blocks(backend=fp8_fx.make_fp8_backend(EMULATE))
+        with pytest.raises(Exception, match=r"the compiled WanTransformerBlock has 10 bf16 linears .* reloads "
+                                            r"them from safetensors files at every onload"):
+            run_pipe(pipe)
 
 
 def test_bf16_weights_that_offloading_moves_are_refused_in_either_order(tmp_path):

@@ -249,7 +249,7 @@ attn1.to_out.0  emulate  32  32   no FP8 tensor cores on cpu: fallback='emulate'
 (2 linears: 2 emulate)
 attention  action   reason
 attn1      emulate  recipe 'tensor', Q/K rotated, emulated in fp32 (fallback='emulate'; no FP8 attention kernel for cpu)
-(1 attention calls: 1 FP8, 0 skipped)
+(1 attention calls: 1 emulate)
 l_x__quantized = torch.ops.fp8_fx.quantize.default(l_x_, 'tensor')
 attn1_to_q = torch.ops.fp8_fx.emulated_scaled_mm.default(l_x__fp8, l_x__scale, attn1_to_q_weight_fp8, attn1_to_q_weight_scale, l_self_modules_attn1_modules_to_q_parameters_bias_, torch.float32)
 attn1_qkv_quantized = torch.ops.fp8_fx.quantize_attention_inputs.default(q, q, q, 'tensor', True)
