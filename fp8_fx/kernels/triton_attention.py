@@ -205,12 +205,15 @@ def _self_check(index: int, head_dim: int, out_dtype: torch.dtype) -> Optional[s
 def _compare_with_emulation(device: torch.device, head_dim: int, out_dtype: torch.dtype) -> Optional[str]:
     from .. import attention_recipes  # the recipe's quantization and emulation
     generator = torch.Generator(device="cpu").manual_seed(0)
-    # 150 tokens: three key tiles, the last one partial; two heads
-    q, k, v = (torch.randn(1, 2, 150, head_dim, generator=generator).to(device, out_dtype) for _ in range(3))
+    # 150 tokens: three key tiles, the last one partial; two heads; laid out as the pass's
+    # calls are, (B, S, H, D) buffers viewed (B, H, S, D), output too (launches specialize
+    # on which strides are 1)
+    q, k, v = (torch.randn(1, 150, 2, head_dim, generator=generator).to(device, out_dtype).transpose(1, 2)
+               for _ in range(3))
     quantized = torch.ops.fp8_fx.quantize_attention_inputs(q, k, v, "smooth_int8")
     scale = head_dim ** -0.5
     try:
-        got = sdpa_smooth_int8(*quantized, scale, torch.empty_like(q))
+        got = sdpa_smooth_int8(*quantized, scale, torch.empty_like(q.transpose(1, 2)).transpose(1, 2))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except Exception as error:  # a Triton build or GPU that cannot compile or run it
