@@ -5,8 +5,8 @@ attention (CPU, fp32 emulation of each recipe; no GPU needed).
 
 Each case draws Q, K, V (batch 1, 2 heads, head dim 128, Wan's) and prints the relative
 error ||O - O_fp64|| / ||O_fp64|| of: bf16 SDPA (the baseline's own error), each shipped
-recipe (fp8_fx.attention_recipes: "tensor" with and without the Q/K rotation,
-"smooth_int8"), per-tensor FP8 without K smoothing (what the smoothing buys), and the
+recipe (fp8_fx.attention_recipes: "tensor" and "smooth_int8", each with and without the
+Q/K rotation), per-tensor FP8 without K smoothing (what the smoothing buys), and the
 "tensor" recipe with other output scales (O's exact amax, as delayed scaling would
 approach; no FP8 output at all, as on Blackwell) to show what the V-bound output scale
 costs.
@@ -58,7 +58,8 @@ def variants(q, k, v):
     out = {"bf16 SDPA": F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16()).float()}
     for name, recipe, rotate in (("fp8 tensor (default: rotated)", "tensor", True),
                                  ("fp8 tensor, not rotated", "tensor", False),
-                                 ("fp8 smooth_int8", "smooth_int8", False)):
+                                 ("fp8 smooth_int8 (rotated)", "smooth_int8", True),
+                                 ("fp8 smooth_int8, not rotated", "smooth_int8", False)):
         out[name] = attention(q, k, v, recipe, rotate=rotate).float()
     # Per-tensor FP8 with K as it is (the recipes smooth K): written out with the recipe's rule.
     qs, ks, vs = (ops.amax_to_scale(t.abs().amax()) for t in (q, k, v))

@@ -49,8 +49,9 @@ def recipe_attention(q, k, v, recipe, softmax_scale=None, rotate=False):
     the +-1 Hadamard matrix, rounded to the inputs' dtype (a GEMM's output), over sqrt(D);
     Q, K, V on the e4m3 grid, one scale each; P~ = exp(S - rowmax) on the e4m3 grid at a
     fixed scale 1/448, divided by the rowsum of the unquantized P~; O on V's grid.
-    "smooth_int8": K minus its token mean; Q, K on the int8 grid (scale = block amax / 127,
-    blocks of 64 tokens); V on the e4m3 grid per channel; P tile by tile (online_p_v)."""
+    "smooth_int8": K minus its token mean, rotated as "tensor" (rotate); Q, K on the int8
+    grid (scale = block amax / 127, blocks of 64 tokens); V on the e4m3 grid per channel; P
+    tile by tile (online_p_v)."""
     softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     dtype = q.dtype
     q, k, v = q.double(), k.double(), v.double()
@@ -67,6 +68,10 @@ def recipe_attention(q, k, v, recipe, softmax_scale=None, rotate=False):
     elif recipe == "smooth_int8":
         # The recipe smooths in fp32 (a float64 mean moves codes sitting on an int8 tie).
         k = (k.float() - k.float().mean(dim=-2, keepdim=True)).double()
+        if rotate:  # as for "tensor"
+            d = q.shape[-1]
+            h = (hadamard(d) * math.sqrt(d)).to(dtype)
+            q, k = (((t.to(dtype) @ h).float() * d ** -0.5).double() for t in (q, k))
         qs = _per_token_block_scale(q, 127.0, 1.0 / (127.0 * 512.0))
         ks = _per_token_block_scale(k, 127.0, 1.0 / (127.0 * 512.0))
         qd, kd = _int8_on_grid(q, qs), _int8_on_grid(k, ks)

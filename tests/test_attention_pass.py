@@ -73,7 +73,7 @@ def test_self_attention_is_converted_and_computes_the_recipe(recipe):
     assert decisions[1].reason == "not targeted"
     with torch.no_grad():  # the truth: attn1's projections, then the float64 recipe
         q, k, v = block.attn1.qkv(x, x)
-        rotate = recipe == "tensor"  # AttentionConfig's default (head dim 32: a power of two)
+        rotate = True  # AttentionConfig's default, both recipes (head dim 32: a power of two)
         h = x.double() + recipe_attention(q, k, v, recipe, rotate=rotate).transpose(1, 2).flatten(2)
         q, k, v = block.attn2.qkv(h.float(), ctx)
         expected = h + exact_attention(q, k, v).transpose(1, 2).flatten(2)
@@ -288,7 +288,7 @@ def test_on_a_gpu_smooth_int8_gets_the_triton_kernel_or_its_reason(monkeypatch):
     node = _sdpa_on_a_gpu()
     int8 = AttentionConfig(recipe="smooth_int8", targets=("attn1",))
     monkeypatch.setattr(triton_attention, "why_not", lambda device, d, dv, dtype: None)
-    assert decide(node, "attn1", int8, "weight_only") == ("triton", "recipe 'smooth_int8', fp8_fx's Triton kernel")
+    assert decide(node, "attn1", int8, "weight_only") == ("triton", "recipe 'smooth_int8', Q/K rotated, fp8_fx's Triton kernel")
     monkeypatch.setattr(triton_attention, "why_not", lambda *a: "the kernel failed its self-check: X")
     action, reason = decide(node, "attn1", int8, "weight_only")
     assert action == "skipped" and "no FP8 attention kernel here: the kernel failed its self-check: X" in reason

@@ -7,8 +7,8 @@ from fp8_fx.attention_recipes import RECIPES, attention
 from attention_reference import exact_attention, recipe_attention
 from reference import rel_err
 
-# (recipe, rotate): "tensor" with and without the Hadamard rotation of Q and K.
-VARIANTS = [("tensor", False), ("tensor", True), ("smooth_int8", False)]
+# (recipe, rotate): each recipe with and without the Hadamard rotation of Q and K.
+VARIANTS = [("tensor", False), ("tensor", True), ("smooth_int8", False), ("smooth_int8", True)]
 
 
 def qkv(b, h, sq, sk, d, dtype=torch.float32, k_bias=3.0):
@@ -58,7 +58,8 @@ def test_smoothing_and_rotation_are_what_keep_dit_like_inputs_accurate():
     (not against themselves). A channel bias in K would set a per-tensor FP8 scale: the
     plain per-tensor recipe, written out here without smoothing, loses 2x; both recipes
     subtract K's token mean. A few outlier channels in Q and K: per-tensor scales lose 4x
-    unless the Hadamard rotation spreads them; smooth_int8's 7 bits per block cope."""
+    unless the Hadamard rotation spreads them; smooth_int8's 7 bits per block cope, and
+    with the rotation lose almost nothing to them."""
     torch.manual_seed(3)
     q, k, v = qkv(1, 2, 256, 256, 128, k_bias=4.0)
     exact = exact_attention(q, k, v)
@@ -72,6 +73,7 @@ def test_smoothing_and_rotation_are_what_keep_dit_like_inputs_accurate():
     exact = exact_attention(q, k, v)
     err = {(r, rot): rel_err(attention(q, k, v, r, rotate=rot), exact) for r, rot in VARIANTS}
     assert err[("tensor", True)] < 0.08 and err[("smooth_int8", False)] < 0.07 < 0.2 < err[("tensor", False)]
+    assert err[("smooth_int8", True)] < 0.7 * err[("smooth_int8", False)]
     bf16 = rel_err(torch.nn.functional.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16()), exact)
     assert bf16 < err[("smooth_int8", False)] / 3
 

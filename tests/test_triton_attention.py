@@ -52,6 +52,15 @@ def test_kernel_computes_the_float64_recipe(shape):
     assert rel_err(out.cpu(), emulated.cpu()) < 2e-4 if OUT_DTYPE == torch.float32 else 4e-3
 
 
+def test_kernel_computes_the_rotated_recipe():
+    """With the Hadamard rotation of Q and K (AttentionConfig's default): the kernel is the
+    same, its inputs are the rotated codes."""
+    q, k, v = qkv(1, 2, 100, 100, 64, seed=2)
+    out = attention(q, k, v, "smooth_int8", kernel="triton", rotate=True)
+    expected = recipe_attention(q.cpu(), k.cpu(), v.cpu(), "smooth_int8", rotate=True)
+    assert rel_err(out.cpu(), expected) < (2e-4 if OUT_DTYPE == torch.float32 else 4e-3)
+
+
 def test_kernel_output_is_laid_out_for_the_transpose_back():
     """(B, H, S, D) viewed from a (B, S, H, D) buffer, as the pass's other kernels write it."""
     q, k, v = qkv(1, 3, 70, 70, 32)

@@ -94,10 +94,8 @@ def _quantized_examples(args: dict, attention: AttentionConfig):
 
 
 def _recipe_text(attention: AttentionConfig, head_dim: int) -> str:
-    if attention.recipe != "tensor":
-        return f"recipe {attention.recipe!r}"
     rotated = attention_recipes.rotates(head_dim, attention.rotate)
-    return f"recipe 'tensor', Q/K {'rotated' if rotated else 'not rotated'}"
+    return f"recipe {attention.recipe!r}, Q/K {'rotated' if rotated else 'not rotated'}"
 
 
 def decide(node: torch.fx.Node, qualname: Optional[str], attention: AttentionConfig,
