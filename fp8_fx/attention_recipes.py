@@ -202,6 +202,19 @@ def emulated_fp8_attention(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Te
     return out
 
 
+def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Q, K, V as the recipes and kernels take them, head by head; else a ValueError that
+    says how. (The attention pass leaves other calls as they are, with this reason.)"""
+    shapes = f"got Q {tuple(q.shape)}, K {tuple(k.shape)}, V {tuple(v.shape)}"
+    if not q.dim() == k.dim() == v.dim() == 4:
+        raise ValueError(f"FP8 attention takes Q, K, V as (batch, heads, tokens, head dim); {shapes}")
+    if not (q.shape[:2] == k.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2] and q.shape[3] == k.shape[3]):
+        raise ValueError(
+            "FP8 attention takes Q, K, V with the same batch and heads (no broadcasting, no grouped-query "
+            "attention: expand K and V to Q's heads first), K and V with the same tokens, Q and K with the "
+            f"same head dim; {shapes}")
+
+
 def _online_softmax_p_v(s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """"smooth_int8"'s P @ V / rowsum: the flash-attention loop of its Triton kernel over
     tiles of KEY_TILE keys, each tile's P~ = exp(S - m) put in e4m3 (x 448) against the
@@ -229,6 +242,7 @@ def fp8_attention(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, k_s
     """Attention of quantized inputs by `kernel`: "cudnn" (recipe "tensor",
     kernels/cudnn_attention.py), "triton" (recipe "smooth_int8", kernels/triton_attention.py)
     or "emulate" (the fp32 emulation, any device)."""
+    check_shapes(q8, k8, v8)
     if k8.shape[-2] == 0:
         raise ValueError("FP8 attention needs at least one key (Sk = 0: softmax of nothing)")
     if kernel == "cudnn":
@@ -255,7 +269,9 @@ def _(q8, q_scale, k8, k_scale, v8, v_scale, softmax_scale, recipe, kernel, out_
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, recipe: str,
               softmax_scale: float | None = None, kernel: str = "emulate", rotate: bool = False) -> torch.Tensor:
-    """Eager entry point: what the rewritten graph computes for one SDPA call."""
+    """Eager entry point: what the rewritten graph computes for one SDPA call. Note `rotate`
+    is off here unless asked for; AttentionConfig's default turns it on."""
+    check_shapes(q, k, v)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     quantized = torch.ops.fp8_fx.quantize_attention_inputs(q, k, v, recipe, rotate)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fp8_fx.attention_recipes import RECIPES, attention
+from fp8_fx.attention_recipes import RECIPES, attention, output_dtype
 from attention_reference import exact_attention, recipe_attention
 from reference import rel_err
 
@@ -136,3 +136,26 @@ def test_an_unknown_kernel_is_named():
     q, k, v = qkv(1, 1, 4, 4, 16)
     with pytest.raises(ValueError, match="'flash'"):
         attention(q, k, v, "tensor", kernel="flash")
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_shapes_that_do_not_pair_up_head_by_head_are_refused(recipe):
+    """Grouped-query K/V (fewer heads) would broadcast in the emulation and read past K/V
+    in a kernel: both refuse, saying what to do."""
+    q = torch.randn(1, 4, 16, 32)
+    k = v = torch.randn(1, 1, 16, 32)
+    with pytest.raises(ValueError, match=r"same batch and heads .*expand K and V to Q's heads.*Q \(1, 4, 16, 32\)"):
+        attention(q, k, v, recipe)
+    quantized = list(torch.ops.fp8_fx.quantize_attention_inputs(q, k, v, recipe))
+    with pytest.raises(ValueError, match="same batch and heads"):
+        torch.ops.fp8_fx.fp8_attention(*quantized, 0.1, recipe, "emulate", output_dtype(recipe, q.dtype))
+    with pytest.raises(ValueError, match=r"\(batch, heads, tokens, head dim\)"):
+        attention(q[0], q[0], q[0], recipe)
+    with pytest.raises(ValueError, match="K and V with the same tokens"):
+        attention(q, q, q[:, :, :8], recipe)
+
+
+def test_the_cudnn_kernel_where_it_cannot_run_says_why():
+    q, k, v = qkv(1, 1, 8, 8, 16)
+    with pytest.raises(RuntimeError, match="cuDNN FP8 attention runs on CUDA GPUs \\(this is cpu\\)"):
+        attention(q, k, v, "tensor", kernel="cudnn")

@@ -86,6 +86,9 @@ def test_kernel_refuses_what_it_does_not_compute(monkeypatch):
     with pytest.raises(ValueError, match="at least one key"):
         no_keys = list(torch.ops.fp8_fx.quantize_attention_inputs(q, k[:, :, :0], v[:, :, :0], "smooth_int8"))
         fp8_attention(*no_keys, 0.1, "smooth_int8", "triton", OUT_DTYPE)
+    with pytest.raises(ValueError, match="same batch and heads"):  # grouped-query K/V: not read past
+        gqa = torch.ops.fp8_fx.quantize_attention_inputs(q.expand(1, 4, 8, 32), k, v, "smooth_int8")
+        fp8_attention(*gqa, 0.1, "smooth_int8", "triton", OUT_DTYPE)
     quantized[4] = quantized[4][..., :16]  # V's head dim other than Q's
     quantized[5] = quantized[5][..., :16]
     with pytest.raises(ValueError, match="V's head dim"):

@@ -148,6 +148,8 @@ def why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
 def sdpa_fp8(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor,
              v8: torch.Tensor, v_scale: torch.Tensor, softmax_scale: float, out: torch.Tensor) -> torch.Tensor:
     """FP8 attention into `out` (B, H, Sq, Dv) e4m3, whose scale is v_scale."""
+    if cudnn is None or q8.device.type != "cuda":
+        raise RuntimeError(why_not_device(q8.device))
     if q8.dtype != FP8_DTYPE or k8.dtype != FP8_DTYPE or v8.dtype != FP8_DTYPE:
         raise TypeError(f"cuDNN FP8 attention takes e4m3 Q/K/V, got {q8.dtype}/{k8.dtype}/{v8.dtype}")
     q8, k8, v8 = (t if t.stride(-1) == 1 else t.contiguous() for t in (q8, k8, v8))
