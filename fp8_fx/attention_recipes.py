@@ -205,14 +205,17 @@ def emulated_fp8_attention(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Te
 def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Q, K, V as the recipes and kernels take them, head by head; else a ValueError that
     says how. (The attention pass leaves other calls as they are, with this reason.)"""
-    shapes = f"got Q {tuple(q.shape)}, K {tuple(k.shape)}, V {tuple(v.shape)}"
     if not q.dim() == k.dim() == v.dim() == 4:
-        raise ValueError(f"FP8 attention takes Q, K, V as (batch, heads, tokens, head dim); {shapes}")
+        raise ValueError(f"FP8 attention takes Q, K, V as (batch, heads, tokens, head dim); {_shapes(q, k, v)}")
     if not (q.shape[:2] == k.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2] and q.shape[3] == k.shape[3]):
         raise ValueError(
             "FP8 attention takes Q, K, V with the same batch and heads (no broadcasting, no grouped-query "
             "attention: expand K and V to Q's heads first), K and V with the same tokens, Q and K with the "
-            f"same head dim; {shapes}")
+            f"same head dim; {_shapes(q, k, v)}")
+
+
+def _shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:  # for errors only: not per call
+    return f"got Q {tuple(q.shape)}, K {tuple(k.shape)}, V {tuple(v.shape)}"
 
 
 def _online_softmax_p_v(s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -289,10 +289,10 @@ def _check_inductor_keys(patches: Dict[str, Any], where: str) -> None:
 def _traced_root() -> Tuple[Optional[torch.nn.Module], str]:
     """(module, label) of the module Dynamo traced (the model, or a block under regional
     compilation; the first module among the traced frame's arguments, which after a graph
-    break in a hook is the hooked module); (None, the function's name) for a function. Dynamo's tracer is private
-    API: on a torch where it moved this says (None, "") rather than fail a compile (the
-    preset is then chosen from the graph's module classes alone, and no offloading check
-    runs at compile time)."""
+    break in a hook is the hooked module); (None, the function's name) for a function.
+    Dynamo's tracer is private API: on a torch where it moved this says (None, "") rather
+    than fail a compile (the preset is then chosen from the graph's module classes alone,
+    and no offloading check runs at compile time)."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
         tx = InstructionTranslator.current_tx()

@@ -10,7 +10,7 @@ or the block under regional compilation) and the backend's `name`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, List, Literal, Optional, Sequence
+from typing import Dict, Iterator, List, Literal, Optional, Sequence
 
 Action = Literal["scaled_mm", "weight_only", "emulate", "skipped"]
 
@@ -137,11 +137,16 @@ def format_table(decisions: List[LinearDecision]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4]
              for r in [header, *rows]]
-    counts = {}
+    summary = _action_counts(decisions) or "no linear ops seen"
+    return "\n".join([*(line.rstrip() for line in lines), f"({len(decisions)} linears: {summary})"])
+
+
+def _action_counts(decisions) -> str:
+    """"2 skipped, 3 emulate": how many records of each action, in order of first appearance."""
+    counts: Dict[str, int] = {}
     for d in decisions:
         counts[d.action] = counts.get(d.action, 0) + 1
-    summary = ", ".join(f"{n} {a}" for a, n in counts.items()) or "no linear ops seen"
-    return "\n".join([*(line.rstrip() for line in lines), f"({len(decisions)} linears: {summary})"])
+    return ", ".join(f"{n} {a}" for a, n in counts.items())
 
 
 def format_attention_table(decisions: List[AttentionDecision]) -> str:
@@ -149,8 +154,5 @@ def format_attention_table(decisions: List[AttentionDecision]) -> str:
     rows = [(d.qualname or "<no module>", d.action, d.reason) for d in decisions]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(2)]
     lines = [f"{r[0].ljust(widths[0])}  {r[1].ljust(widths[1])}  {r[2]}" for r in [header, *rows]]
-    counts = {}
-    for d in decisions:  # by kernel: "emulate" is the recipe in fp32, not FP8 hardware
-        counts[d.action] = counts.get(d.action, 0) + 1
-    summary = ", ".join(f"{n} {a}" for a, n in counts.items()) or "none seen"
-    return "\n".join([*lines, f"({len(decisions)} attention calls: {summary})"])
+    # by kernel: "emulate" is the recipe in fp32, not FP8 hardware
+    return "\n".join([*lines, f"({len(decisions)} attention calls: {_action_counts(decisions) or 'none seen'})"])

@@ -41,6 +41,7 @@ from typing import Optional
 
 import torch
 
+from .. import attention_recipes
 from ..attention_recipes import KEY_TILE
 
 try:
@@ -130,7 +131,7 @@ def interpreting() -> bool:
 
 def block_d(head_dim: int) -> int:
     """The kernel's head-dim tile: a power of two, at least 32 (INT8 MMA's K), masked beyond D."""
-    return max(32, triton.next_power_of_2(head_dim) if triton is not None else 1 << (head_dim - 1).bit_length())
+    return max(32, 1 << (head_dim - 1).bit_length())
 
 
 def sdpa_smooth_int8(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor,
@@ -156,13 +157,14 @@ def sdpa_smooth_int8(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, 
     qs, ks, vs = (t.expand(*shape) for t, shape in ((q_scale, (b, h, sq, 1)), (k_scale, (b, h, sk, 1)),
                                                       (v_scale, (b, h, 1, d))))
     grid = (triton.cdiv(sq, config.block_m), b * h)
-    warps = config.num_warps or (8 if block_d(d) >= 128 else 4)
+    tile_d = block_d(d)
+    warps = config.num_warps or (8 if tile_d >= 128 else 4)
     _compiled_kernel[grid](
         q8, qs, k8, ks, v8, vs, out,
         *q8.stride(), *qs.stride()[:3], *k8.stride(), *ks.stride()[:3], *v8.stride(),
         vs.stride(0), vs.stride(1), vs.stride(3), *out.stride(),
         h, sq, sk, d, softmax_scale * math.log2(math.e),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d(d), EXACT_E4M3=interpret,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=tile_d, EXACT_E4M3=interpret,
         num_warps=warps, num_stages=config.num_stages)
     return out
 
@@ -203,7 +205,6 @@ def _self_check(index: int, head_dim: int, out_dtype: torch.dtype) -> Optional[s
 
 
 def _compare_with_emulation(device: torch.device, head_dim: int, out_dtype: torch.dtype) -> Optional[str]:
-    from .. import attention_recipes  # the recipe's quantization and emulation
     generator = torch.Generator(device="cpu").manual_seed(0)
     # 150 tokens: three key tiles, the last one partial; two heads; laid out as the pass's
     # calls are, (B, S, H, D) buffers viewed (B, H, S, D), output too (launches specialize
