@@ -74,22 +74,30 @@ SWEEP = [dict(block_m=m, block_n=n, num_warps=w, num_stages=st)
 
 def sweep(tokens, heads, repeats):
     """The smooth_int8 Triton kernel alone under each launch config, on the same inputs
-    (block_n other than the recipe's 64 times other numerics, not the recipe's)."""
+    (block_n other than the recipe's 64 times other numerics, not the recipe's); then the
+    default config on V stored as the model makes it (head dim contiguous) instead of as
+    the quantization stores it (tokens contiguous: what Hopper's FP8 MMA reads)."""
     from fp8_fx.kernels import triton_attention as ta
     q, k, v = draw(tokens, heads, "gaussian")
     pre = torch.ops.fp8_fx.quantize_attention_inputs(q, k, v, "smooth_int8")
     out = torch.empty_like(q)
     flops = 4 * heads * tokens * tokens * HEAD_DIM
-    for c in SWEEP:
-        config = ta.LaunchConfig(**c)
+
+    def time_config(quantized, config, **row):
         try:
-            ta.sdpa_smooth_int8(*pre, HEAD_DIM ** -0.5, out, config)  # compile
-            ms = statistics.median(cuda_ms(lambda: ta.sdpa_smooth_int8(*pre, HEAD_DIM ** -0.5, out, config), 3)
+            ta.sdpa_smooth_int8(*quantized, HEAD_DIM ** -0.5, out, config)  # compile
+            ms = statistics.median(cuda_ms(lambda: ta.sdpa_smooth_int8(*quantized, HEAD_DIM ** -0.5, out, config), 3)
                                    for _ in range(repeats))
-            row = dict(tokens=tokens, sweep=c, ms=round(ms, 3), tflops=round(flops / ms / 1e9, 1))
+            row.update(ms=round(ms, 3), tflops=round(flops / ms / 1e9, 1))
         except Exception as error:  # e.g. out of shared memory for the larger tiles
-            row = dict(tokens=tokens, sweep=c, error=f"{type(error).__name__}: {str(error)[:200]}")
-        print(json.dumps(row), flush=True)
+            row.update(error=f"{type(error).__name__}: {str(error)[:200]}")
+        print(json.dumps(dict(tokens=tokens, **row)), flush=True)
+
+    for c in SWEEP:
+        time_config(pre, ta.LaunchConfig(**c), sweep=c)
+    v_head_dim_contiguous = pre[4].transpose(1, 2).contiguous().transpose(1, 2)
+    for name, v8 in (("tokens contiguous", pre[4]), ("head dim contiguous", v_head_dim_contiguous)):
+        time_config((*pre[:4], v8, pre[5]), ta.LaunchConfig(), v_layout=name)
 
 
 def rel(a, b):

@@ -69,11 +69,12 @@ def resources(kernel) -> dict:
 
 def attention_kernels(arch):
     """kernels/triton_attention.py's kernel as a Wan launch specializes it: int8 Q/K, e4m3 V,
-    bf16 output, unit strides along the head dim and the scales' token axis."""
+    bf16 output, unit strides along the head dim (Q, K, O), the tokens (V, as
+    quantize_attention_inputs stores it) and the scales' token axis."""
     from fp8_fx.kernels import triton_attention as ta
     fn = ta._compiled_kernel
     ptrs = {"q_ptr": "*i8", "k_ptr": "*i8", "v_ptr": "*fp8e4nv", "o_ptr": "*bf16"}
-    unit = {"sq_d", "sk_d", "sv_d", "so_d", "svs_d", "sqs_s", "sks_s"}
+    unit = {"sq_d", "sk_d", "sv_s", "so_d", "svs_d", "sqs_s", "sks_s"}  # V: tokens contiguous
     blocks = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "EXACT_E4M3")
     signature = {n: (ptrs.get(n, "*fp32") if n.endswith("_ptr") else "fp32" if n == "qk_scale"
                      else "constexpr" if n in unit or n in blocks else "i32") for n in fn.arg_names}
@@ -98,7 +99,10 @@ def main():
     args = p.parse_args()
     if args.attention:
         for name, kernel in attention_kernels(args.arch).items():
-            print(f"sm_{args.arch} {name} " + " ".join(f"{k} {v}" for k, v in resources(kernel).items()))
+            # which loads the software pipeline issues ahead as cp.async (the rest wait in the loop)
+            pipelined = sorted(set(re.findall(r"%(\w+?)_\d+ = ttg.async_copy_global_to_local", kernel.asm["ttgir"])))
+            print(f"sm_{args.arch} {name} " + " ".join(f"{k} {v}" for k, v in resources(kernel).items())
+                  + f" pipelined {','.join(pipelined) or '-'}")
         return
     limits = {"FP8_MAX": ops.FP8_MAX, "MIN_SCALE": ops.MIN_SCALE}
     c = tq.TENSOR_CONFIG

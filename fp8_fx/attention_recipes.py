@@ -30,8 +30,8 @@ torch ops compiled to 8 ms at Wan 14B 480p on an H200, the GEMM to well under 1 
 SageAttention2): K minus its mean over the tokens first, and with `rotate` the same
 Hadamard rotation of Q and K, then Q and K in INT8 with one scale per block of 64 tokens
 (per batch and head; scale = amax / 127, round to nearest even), V in FP8 with one scale
-per channel (over the tokens; it factors out of P @ V exactly), and an output in the
-model's dtype. INT8 keeps 7 bits of Q and K where e4m3 keeps 3: the scores, which the
+per channel (over the tokens; it factors out of P @ V exactly; stored with the tokens
+contiguous, as the kernel's FP8 P @ V reads it), and an output in the model's dtype. INT8 keeps 7 bits of Q and K where e4m3 keeps 3: the scores, which the
 softmax exponentiates, are where FP8 attention loses most. Smoothing removes the channel
 bias that DiT keys carry, which would otherwise set K's scale; the rotation keeps a few
 outlier channels from setting a block's scale (on the CPU harness 5.7% -> 3.0% with four
@@ -60,6 +60,7 @@ KERNELS = ("emulate", "cudnn", "triton")
 QK_BLOCK = 64  # tokens per Q/K scale in "smooth_int8"
 KEY_TILE = 64  # keys per tile of "smooth_int8"'s online softmax (its Triton kernel's BLOCK_N)
 INT8_MAX = 127.0
+V_TOKEN_ALIGN = 16  # "smooth_int8" stores V's channels as rows of a multiple of 16 tokens
 INT8_MIN_SCALE = 1.0 / (INT8_MAX * 512.0)  # an all-zero block stays finite, as in ops.py
 
 _lib = torch.library.Library("fp8_fx", "FRAGMENT")
@@ -147,7 +148,21 @@ def _quantize_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     v_amax = v.abs().float().amax(dim=-2, keepdim=True) if v.shape[-2] > 0 else (
         v.new_zeros((*v.shape[:-2], 1, v.shape[-1]), dtype=torch.float32))
     qs, ks, vs = _block_scale(q, _int8_scale), _block_scale(k, _int8_scale), amax_to_scale(v_amax)
-    return _cast_to_int8(q, qs), qs, _cast_to_int8(k, ks), ks, cast_to_fp8(v, vs), vs
+    return _cast_to_int8(q, qs), qs, _cast_to_int8(k, ks), ks, _cast_to_fp8_tokens_contiguous(v, vs), vs
+
+
+def _cast_to_fp8_tokens_contiguous(v: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """cast_to_fp8(v, scale), (B, H, S, D), stored with the tokens contiguous: a (B, H, D,
+    S') buffer, S' = S rounded up to V_TOKEN_ALIGN. The Triton kernel's P @ V product
+    takes V as the B operand of an FP8 MMA, which Hopper's wgmma reads with the reduced
+    dim (tokens) contiguous: stored so, V's tiles load asynchronously and pipeline as K's
+    do; stored (B, S, H, D), every tile went through registers into a transposed shared
+    layout, a load the loop waited on (benchmarks/README.md, TTGIR). The padding keeps
+    each channel's row 16-byte aligned; the kernel never reads it (keys past S are masked)."""
+    s = v.shape[-2]
+    scaled = torch.clamp(v.float() / scale, -FP8_MAX, FP8_MAX).transpose(-1, -2)
+    padded = torch.nn.functional.pad(scaled, (0, -s % V_TOKEN_ALIGN)).to(FP8_DTYPE)
+    return padded[..., :s].transpose(-1, -2)
 
 
 _lib.define("quantize_attention_inputs(Tensor q, Tensor k, Tensor v, str recipe, bool rotate=False) "

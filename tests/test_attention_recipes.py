@@ -132,6 +132,28 @@ def test_the_output_is_laid_out_for_the_transpose_back():
         assert attention(q, k, v, recipe, rotate=rotate).transpose(1, 2).is_contiguous()
 
 
+def test_smooth_int8_stores_v_with_the_tokens_contiguous(monkeypatch):
+    """The Triton kernel's P @ V reads V's tiles with the tokens contiguous (Hopper's FP8
+    MMA wants the summed dim contiguous; benchmarks/README.md shows the pipelining this
+    buys): the quantization stores each channel as a row of tokens, padded to 16 bytes,
+    and Inductor must hand the kernel that layout, not a copy in another."""
+    from fp8_fx import attention_recipes
+    from fp8_fx.ops import cast_to_fp8
+    torch.manual_seed(5)
+    q, k, v = qkv(1, 2, 150, 150, 64)
+    v8, v_scale = torch.ops.fp8_fx.quantize_attention_inputs(q, k, v, "smooth_int8", True)[4:]
+    assert v8.shape == v.shape and v8.stride()[2:] == (1, 160)
+    assert torch.equal(v8.float(), cast_to_fp8(v, v_scale).float())  # the same codes, another layout
+    seen = []
+    emulation = attention_recipes.emulated_fp8_attention
+    monkeypatch.setattr(attention_recipes, "emulated_fp8_attention",
+                        lambda q8, qs, k8, ks, v8, *rest: seen.append(v8.stride()) or emulation(q8, qs, k8, ks, v8, *rest))
+    compiled = torch.compile(lambda a, b, c: attention(a, b, c, "smooth_int8"), backend="inductor", fullgraph=True)
+    with torch._inductor.config.patch(force_disable_caches=True):
+        compiled(q, k, v)
+    assert seen[-1][2:] == (1, 160)
+
+
 def test_an_unknown_kernel_is_named():
     q, k, v = qkv(1, 1, 4, 4, 16)
     with pytest.raises(ValueError, match="'flash'"):

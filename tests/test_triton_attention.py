@@ -69,6 +69,17 @@ def test_kernel_output_is_laid_out_for_the_transpose_back():
     assert out.transpose(1, 2).is_contiguous()
 
 
+def test_kernel_reads_v_stored_either_way():
+    """The quantization stores V with the tokens contiguous (what Hopper's FP8 MMA reads);
+    the kernel takes any strides, so V as the model made it gives the same output."""
+    q, k, v = qkv(1, 2, 90, 90, 64, seed=3)
+    quantized = list(torch.ops.fp8_fx.quantize_attention_inputs(q, k, v, "smooth_int8"))
+    assert quantized[4].stride()[2:] == (1, 96)
+    stored = fp8_attention(*quantized, 0.125, "smooth_int8", "triton", OUT_DTYPE)
+    quantized[4] = quantized[4].transpose(1, 2).contiguous().transpose(1, 2)  # head dim contiguous
+    assert torch.equal(fp8_attention(*quantized, 0.125, "smooth_int8", "triton", OUT_DTYPE), stored)
+
+
 def test_an_explicit_softmax_scale_and_no_queries():
     q, k, v = qkv(1, 2, 64, 100, 64, seed=1)
     out = attention(q, k, v, "smooth_int8", softmax_scale=0.05, kernel="triton")

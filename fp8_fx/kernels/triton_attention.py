@@ -2,7 +2,9 @@
 
 A flash-attention forward over inputs quantized by `quantize_attention_inputs(...,
 "smooth_int8")` (attention_recipes.py): Q and K in INT8 with one fp32 scale per token
-(constant over blocks of 64 tokens), V in e4m3 with one scale per channel. Per program:
+(constant over blocks of 64 tokens), V in e4m3 with one scale per channel, stored with
+the tokens contiguous (the summed dim of P @ V, as FP8 MMAs read it: V's tiles then
+pipeline as K's do; any strides work, others slower). Per program:
 BLOCK_M queries of one (batch, head); over the keys in tiles of BLOCK_N:
 
     S  = (q8 @ k8^T) [int32, exact] * q_scale * k_scale * softmax_scale * log2(e)
