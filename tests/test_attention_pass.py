@@ -265,7 +265,7 @@ def test_the_fp8_attention_output_is_to_outs_gemm_input_as_it_is():
     assert "fp8_fx.quantize.default" not in code and "fp8_fx.dequantize" not in code
 
 
-def _sdpa_on_a_gpu(head_dim=64, v_head_dim=None):
+def _sdpa_on_a_gpu(head_dim=64, v_head_dim=None, **sdpa_kwargs):
     """An SDPA node whose traced values are (fake) CUDA tensors: the pass's GPU branches,
     decided on a machine without one."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -277,8 +277,8 @@ def _sdpa_on_a_gpu(head_dim=64, v_head_dim=None):
         for name, value in zip("qkv", values):
             nodes.append(graph.placeholder(name))
             nodes[-1].meta["example_value"] = value
-        node = graph.call_function(F.scaled_dot_product_attention, tuple(nodes))
-        node.meta["example_value"] = F.scaled_dot_product_attention(*values)
+        node = graph.call_function(F.scaled_dot_product_attention, tuple(nodes), sdpa_kwargs)
+        node.meta["example_value"] = F.scaled_dot_product_attention(*values, **sdpa_kwargs)
     return node
 
 
@@ -287,8 +287,12 @@ def test_on_a_gpu_smooth_int8_gets_the_triton_kernel_or_its_reason(monkeypatch):
     from fp8_fx.passes.attention import decide
     node = _sdpa_on_a_gpu()
     int8 = AttentionConfig(recipe="smooth_int8", targets=("attn1",))
-    monkeypatch.setattr(triton_attention, "why_not", lambda device, d, dv, dtype: None)
+    monkeypatch.setattr(triton_attention, "why_not_device", lambda device: None)
+    monkeypatch.setattr(triton_attention, "_self_check", lambda *a: None)
     assert decide(node, "attn1", int8, "weight_only") == ("triton", "recipe 'smooth_int8', Q/K rotated, fp8_fx's Triton kernel")
+    # the kernel takes the row max through a per-query factor: a positive softmax scale only
+    action, reason = decide(_sdpa_on_a_gpu(scale=-0.5), "attn1", int8, "emulate")
+    assert action == "emulate" and "softmax scale -0.5 (the 'triton' kernel takes a positive one)" in reason
     monkeypatch.setattr(triton_attention, "why_not", lambda *a: "the kernel failed its self-check: X")
     action, reason = decide(node, "attn1", int8, "weight_only")
     assert action == "skipped" and "no FP8 attention kernel here: the kernel failed its self-check: X" in reason

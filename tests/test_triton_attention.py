@@ -100,6 +100,9 @@ def test_kernel_refuses_what_it_does_not_compute(monkeypatch):
     with pytest.raises(ValueError, match="same batch and heads"):  # grouped-query K/V: not read past
         gqa = torch.ops.fp8_fx.quantize_attention_inputs(q.expand(1, 4, 8, 32), k, v, "smooth_int8")
         fp8_attention(*gqa, 0.1, "smooth_int8", "triton", OUT_DTYPE)
+    for scale in (0.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="takes a positive softmax scale"):
+            fp8_attention(*quantized, scale, "smooth_int8", "triton", OUT_DTYPE)
     quantized[4] = quantized[4][..., :16]  # V's head dim other than Q's
     quantized[5] = quantized[5][..., :16]
     with pytest.raises(ValueError, match="V's head dim"):

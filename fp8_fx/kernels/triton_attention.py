@@ -7,17 +7,21 @@ the tokens contiguous (the summed dim of P @ V, as FP8 MMAs read it: V's tiles t
 pipeline as K's do; any strides work, others slower). Per program:
 BLOCK_M queries of one (batch, head); over the keys in tiles of BLOCK_N:
 
-    S  = (q8 @ k8^T) [int32, exact] * q_scale * k_scale * softmax_scale * log2(e)
-    m  = max(m, rowmax(S))                      the running max (online softmax)
-    P~ = exp2(S - m)                            in [0, 1]
-    acc = acc * exp2(m_old - m) + e4m3(448 P~) @ v8          [fp32 accumulation]
-    l   = l   * exp2(m_old - m) + rowsum(P~)
-    O  = acc * v_scale / 448 / l                written in the model's dtype
+    T  = (q8 @ k8^T) [int32, exact] * k_scale           (per key)
+    c  = q_scale * softmax_scale * log2(e)              (per query; > 0)
+    m  = max(m, c * rowmax(T))                  the running max of S = c T (online softmax)
+    P' = exp2(c T - (m - log2 448)) = 448 P~    P~ = exp2(S - m) in [0, 1]; one FFMA + exp2
+    acc = acc * exp2(m_old - m) + e4m3(P') @ v8          [fp32 accumulation]
+    l   = l   * exp2(m_old - m) + rowsum(P')
+    O  = acc * v_scale / l                      written in the model's dtype
+
+(c > 0, so rowmax(c T) = c rowmax(T) exactly, rounding being monotone: the softmax scale
+must be positive, which the entry point checks.)
 
 The recipe's fp32 emulation (attention_recipes.emulated_fp8_attention) runs the same loop
 over the same tiles of KEY_TILE keys, so the kernel and the emulation differ only by fp32
-rounding (exp2 with log2(e) folded into the scores, summation order): an e4m3 code of P
-flips now and then. tests/test_triton_attention.py checks both against a float64 model
+rounding (exp2 with log2(e) and 448 folded in, an FFMA, summation order): an e4m3 code
+of P flips now and then. tests/test_triton_attention.py checks both against a float64 model
 of the loop written out in the test, and against exact attention.
 
 Under TRITON_INTERPRET=1 (set before Triton is imported: tests/conftest.py does on a
@@ -90,8 +94,8 @@ if triton is not None:
 
         q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_s + cols[None, :] * sq_d,
                     mask=row_ok[:, None] & col_ok[None, :], other=0)
-        # the softmax scale and log2(e) ride on Q's per-token scale: one multiply per score
-        q_scale = tl.load(qs_ptr + b * sqs_b + h * sqs_h + rows * sqs_s, mask=row_ok, other=0.0) * qk_scale
+        # c: Q's per-token scale with the softmax scale and log2(e) (1 past the last query: no 0 * inf)
+        c = tl.load(qs_ptr + b * sqs_b + h * sqs_h + rows * sqs_s, mask=row_ok, other=1.0) * qk_scale
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -102,13 +106,12 @@ if triton is not None:
             k = tl.load(k_ptr + b * sk_b + h * sk_h + keys[:, None] * sk_s + cols[None, :] * sk_d,
                         mask=key_ok[:, None] & col_ok[None, :], other=0)
             k_scale = tl.load(ks_ptr + b * sks_b + h * sks_h + keys * sks_s, mask=key_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * q_scale[:, None] * k_scale[None, :]
-            s = tl.where(key_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            t = tl.dot(q, tl.trans(k)).to(tl.float32) * k_scale[None, :]
+            t = tl.where(key_ok[None, :], t, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(t, 1) * c)
             alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            p448 = p * 448.0
+            p448 = tl.exp2(t * c[:, None] - (m_new - 8.807354922057604)[:, None])  # log2(448)  # 448 P~, contracted to an FFMA
+            l_i = l_i * alpha + tl.sum(p448, 1)
             if EXACT_E4M3:  # round to the nearest even e4m3 value in fp32 (see the docstring)
                 exponent = ((p448.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
                 ulp = ((tl.maximum(exponent, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)
@@ -119,7 +122,7 @@ if triton is not None:
             m_i = m_new
 
         v_scale = tl.load(vs_ptr + b * svs_b + h * svs_h + cols * svs_d, mask=col_ok, other=0.0)
-        out = acc * (v_scale[None, :] / 448.0) / l_i[:, None]
+        out = acc * v_scale[None, :] / l_i[:, None]
         tl.store(o_ptr + b * so_b + h * so_h + rows[:, None] * so_s + cols[None, :] * so_d,
                  out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -153,6 +156,9 @@ def sdpa_smooth_int8(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, 
     if max(sq, sk) * h * d >= 2**31:  # offsets within one batch element are 32-bit
         raise ValueError(f"the 'triton' FP8 attention kernel takes at most 2^31 values of Q, K or V per batch "
                          f"element; this call has {max(sq, sk)} tokens x {h} heads x {d}")
+    if not softmax_scale > 0:
+        raise ValueError(f"the 'triton' FP8 attention kernel takes a positive softmax scale, not {softmax_scale} "
+                         "(kernel='emulate' computes any)")
     if out.numel() == 0:
         return out
     # per-token Q/K scales (B, H, S, 1) and per-channel V scales (B, H, 1, D), possibly expanded
@@ -184,11 +190,14 @@ def why_not_device(device: torch.device) -> Optional[str]:
     return None
 
 
-def why_not(device: torch.device, head_dim: int, v_head_dim: int, out_dtype: torch.dtype) -> Optional[str]:
+def why_not(device: torch.device, head_dim: int, v_head_dim: int, out_dtype: torch.dtype,
+            softmax_scale: float = 1.0) -> Optional[str]:
     """None when the kernel computes this case on `device`, else why not."""
     missing = why_not_device(device)
     if missing:
         return missing
+    if not softmax_scale > 0:
+        return f"softmax scale {softmax_scale} (the 'triton' kernel takes a positive one)"
     if v_head_dim != head_dim:
         return f"V's head dim {v_head_dim} differs from Q's {head_dim} (the 'triton' kernel needs them equal)"
     if head_dim > MAX_HEAD_DIM:

@@ -114,7 +114,7 @@ def decide(node: torch.fx.Node, qualname: Optional[str], attention: AttentionCon
         missing = f"no FP8 attention kernel for {q.device.type}"
     elif attention.recipe == "smooth_int8":
         v = example_value(args["value"])
-        missing = triton_attention.why_not(q.device, q.shape[-1], v.shape[-1], q.dtype)
+        missing = triton_attention.why_not(q.device, q.shape[-1], v.shape[-1], q.dtype, softmax_scale_of(args))
         if missing is None:
             return "triton", f"{recipe}, fp8_fx's Triton kernel"
         missing = f"no FP8 attention kernel here: {missing}"
