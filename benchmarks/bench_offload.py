@@ -1,6 +1,10 @@
 """Offloading with fp8_fx on one GPU: peak memory, time per denoising step and the switch
 between Wan 2.2 A14B's two experts, for one offloading mode per process (peak memory is
-per process). Not run yet: written on a CPU-only machine for a GPU session (one H200).
+per process). Not run on a GPU yet; its logic dry-runs on the CPU with tiny experts (no memory
+numbers; tests/test_bench_offload.py runs every mode but group_fp8 so):
+
+    python benchmarks/bench_offload.py --mode model_fp8 --model tiny --device cpu --convert-on cpu \
+        --frames 1 --height 32 --width 32 --steps 4
 
     python benchmarks/bench_offload.py --mode model_fp8 --json $OUT/offload.json
     python benchmarks/bench_offload.py --mode group_fp8 --pipeline /path/to/Wan2.2-T2V-A14B-Diffusers
@@ -53,8 +57,8 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = ("resident_fp8", "model_fp8", "group_fp8", "group_fp8_sync", "group_disk_fp8", "model_bf16",
-         "model_bf16_fp8fx_cache")
+FP8_AT_REST_MODES = ("resident_fp8", "model_fp8", "group_fp8", "group_fp8_sync", "group_disk_fp8")
+MODES = (*FP8_AT_REST_MODES, "model_bf16", "model_bf16_fp8fx_cache")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
 
 
@@ -133,7 +137,7 @@ def setup(pipe, args):
     config = fp8_fx.FP8Config(granularity=args.granularity)
     kwargs = {} if args.compile_mode == "default" else {"mode": args.compile_mode}
     device = torch.device(args.device)
-    if args.mode.endswith("_fp8"):
+    if args.mode in FP8_AT_REST_MODES:
         experts = fp8_fx.compile_experts(pipe, config, fp8_at_rest=True, device=args.convert_on, **kwargs)
         if args.mode == "resident_fp8":
             for n in experts.names:
@@ -163,23 +167,39 @@ def setup(pipe, args):
     raise ValueError(args.mode)
 
 
+def synchronize(device):
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_gib(device) -> dict:
+    """Peak/current GPU memory (None on the CPU: a dry run of the script's logic)."""
+    import torch
+    if device.type != "cuda":
+        return dict(peak_gib=None, peak_reserved_gib=None, idle_gib=None)
+    gib = 2 ** 30
+    return dict(peak_gib=round(torch.cuda.max_memory_allocated(device) / gib, 2),
+                peak_reserved_gib=round(torch.cuda.max_memory_reserved(device) / gib, 2),
+                idle_gib=round(torch.cuda.memory_allocated(device) / gib, 2))
+
+
 class StepClock:
     """Seconds per denoising step (callback_on_step_end, CUDA-synchronized) and which expert
     ran it (forward pre-hooks on the top modules, outside the compiled blocks)."""
 
     def __init__(self, pipe, device):
-        import torch
-        self.torch, self.device = torch, device
+        self.device = device
         self.steps, self.ran, self._last = [], [], None
         self.handles = [getattr(pipe, n).register_forward_pre_hook(lambda m, a, n=n: self.ran.append(n))
                         for n in ("transformer", "transformer_2")]
 
     def start(self):
-        self.torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         self.steps, self.ran, self._last = [], [], time.perf_counter()
 
     def callback(self, pipe, i, t, kwargs):
-        self.torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         now = time.perf_counter()
         expert = self.ran[-1] if self.ran else "?"
         self.steps.append(dict(step=i, timestep=float(t), seconds=round(now - self._last, 4), expert=expert))
@@ -196,7 +216,7 @@ def call(pipe, args, clock, embeds):
              width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
              guidance_scale_2=args.guidance_scale_2, output_type="latent", generator=generator,
              callback_on_step_end=clock.callback)
-    torch.cuda.synchronize(clock.device)
+    synchronize(clock.device)
 
 
 def stranded_copies_bytes(pipe) -> int:
@@ -206,7 +226,7 @@ def stranded_copies_bytes(pipe) -> int:
         for p in getattr(pipe, n).parameters():
             for entry in (p.__dict__.get(weight_cache._ATTR) or {}).values():
                 for t in (entry.fp8, entry.scale):
-                    if t.device.type == "cuda":
+                    if t.device.type != "cpu":
                         total += t.numel() * t.element_size()
     return total
 
@@ -225,8 +245,9 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     call(pipe, args, clock, embeds)  # warm-up: compiles both experts
     warmup_s = time.perf_counter() - t0
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     call(pipe, args, clock, embeds)
     pipeline_s = time.perf_counter() - t0
@@ -240,13 +261,12 @@ def run(args) -> dict:
     t2 = per_expert["transformer_2"]
     t1 = per_expert["transformer"]
     row = dict(
-        mode=args.mode, model=args.pipeline or args.model, device=torch.cuda.get_device_name(device),
+        mode=args.mode, model=args.pipeline or args.model,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)",
         torch=torch.__version__, frames=args.frames, height=args.height, width=args.width, steps=args.steps,
         guidance=(args.guidance_scale, args.guidance_scale_2), granularity=args.granularity,
         compile_mode=args.compile_mode, convert_on=args.convert_on,
-        peak_gib=round(torch.cuda.max_memory_allocated(device) / GiB, 2),
-        peak_reserved_gib=round(torch.cuda.max_memory_reserved(device) / GiB, 2),
-        idle_gib=round(torch.cuda.memory_allocated(device) / GiB, 2),
+        **memory_gib(device),
         stranded_fp8_copies_gib=round(stranded_copies_bytes(pipe) / GiB, 2),
         steps_detail=clock.steps,
         step_s={n: e["median"] for n, e in per_expert.items()},
