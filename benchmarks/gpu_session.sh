@@ -2,8 +2,9 @@
 # One device call: install carried wheels, run the test suite ($PYTEST_ARGS: CPU tests
 # under the GPU machine's torch, plus the GPU tests), the quantize microbenchmark
 # ($QUANT_ARGS, when set), the attention microbenchmark ($ATTN_ARGS, when set), the Triton
-# attention kernel's launch-config sweep ($SWEEP_ARGS, when set), then the benchmark rows
-# named in $BENCH_ARGS.
+# attention kernel's launch-config sweep ($SWEEP_ARGS, when set), the benchmark rows
+# named in $BENCH_ARGS, then bench_offload.py once per mode in $OFFLOAD_MODES (one process
+# each: peak memory is per process) with $OFFLOAD_ARGS, rows into $OUT/offload.json.
 # Tests and microbenchmark stop at their *_TIMEOUT so the later stages still run.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -32,3 +33,8 @@ if [ -n "${BENCH_ARGS:-}" ]; then
   python3 benchmarks/bench_wan.py $BENCH_ARGS --out "$OUT/results.json" --log "$OUT/bench_kernels.log" 2>&1 \
     | grep --line-buffered -v -i "warning\|register_constant\|Configuration class" | tee "$OUT/bench.txt"
 fi
+for mode in ${OFFLOAD_MODES:-}; do
+  timeout "${OFFLOAD_TIMEOUT:-300}" python3 benchmarks/bench_offload.py --mode "$mode" ${OFFLOAD_ARGS:-} \
+    --json "$OUT/offload.json" > "$OUT/offload_$mode.txt" 2>&1
+  echo "offload $mode: rc $?"; grep -E '"(peak_gib|step_s|switch_s|idle_gib|stranded_fp8_copies_gib)"' -A2 "$OUT/offload_$mode.txt" | head -20
+done
