@@ -4,7 +4,8 @@
 # ($QUANT_ARGS, when set), the attention microbenchmark ($ATTN_ARGS, when set), the Triton
 # attention kernel's launch-config sweep ($SWEEP_ARGS, when set), the benchmark rows
 # named in $BENCH_ARGS, then bench_offload.py once per mode in $OFFLOAD_MODES (one process
-# each: peak memory is per process) with $OFFLOAD_ARGS, rows into $OUT/offload.json.
+# each: peak memory is per process) with $OFFLOAD_ARGS, rows into $OUT/offload.json, then
+# bench_parallel.py over every GPU of the machine with $PARALLEL_ARGS (when set).
 # Tests and microbenchmark stop at their *_TIMEOUT so the later stages still run.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -38,3 +39,8 @@ for mode in ${OFFLOAD_MODES:-}; do
     --json "$OUT/offload.json" > "$OUT/offload_$mode.txt" 2>&1
   echo "offload $mode: rc $?"; grep -E '"(peak_gib|step_s|switch_s|idle_gib|stranded_fp8_copies_gib)"' -A2 "$OUT/offload_$mode.txt" | head -20
 done
+if [ -n "${PARALLEL_ARGS+set}" ]; then  # one process per GPU (one GPU: its one-GPU rows only)
+  timeout "${PARALLEL_TIMEOUT:-540}" python3 -m torch.distributed.run --nproc-per-node "$(nvidia-smi -L | wc -l)" \
+    benchmarks/bench_parallel.py $PARALLEL_ARGS --out "$OUT/parallel.json" 2>&1 \
+    | grep --line-buffered -v -i "warning" | tee "$OUT/parallel.txt" | grep -E '^\{|Error|error' | cut -c1-400
+fi
