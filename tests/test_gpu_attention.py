@@ -114,9 +114,10 @@ def test_varying_sequence_lengths_keep_the_cudnn_kernel():
     assert {d.action for d in backend.report.attention} == {"cudnn"}
 
 
-def test_pass_picks_the_triton_kernel_for_smooth_int8():
+def test_pass_picks_the_triton_kernel_for_smooth_int8(monkeypatch):
     """Recipe "smooth_int8" on sm89+: fp8_fx's Triton kernel, compiled and self-checked at
-    compile time (kernels/triton_attention.py), in the compiled block."""
+    compile time (kernels/triton_attention.py), in the compiled block; Inductor on the GPU
+    hands it V with the tokens contiguous (its FP8 P @ V pipelines V only so)."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     reason = triton_attention.why_not_device(torch.device(CUDA))
@@ -126,8 +127,12 @@ def test_pass_picks_the_triton_kernel_for_smooth_int8():
     block = Block().to(CUDA, torch.bfloat16).eval()
     x = torch.randn(1, 1000, 512, device=CUDA, dtype=torch.bfloat16)
     backend = make_fp8_backend(FP8Config(targets=TARGETS, attention=AttentionConfig(recipe="smooth_int8")))
+    v_strides, kernel = [], triton_attention.sdpa_smooth_int8
+    monkeypatch.setattr(triton_attention, "sdpa_smooth_int8",
+                        lambda *args, **kwargs: v_strides.append(args[4].stride()) or kernel(*args, **kwargs))
     with torch.no_grad():
         out = torch.compile(block, backend=backend)(x)
         ref = block(x)
     assert [(d.qualname, d.action) for d in backend.report.attention] == [("attn1", "triton")]
     assert rel_err(out, ref) < 0.03
+    assert v_strides and v_strides[-1][2] == 1 and v_strides[-1][3] % 16 == 0  # (B, H, S, D): S contiguous
