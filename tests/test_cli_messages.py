@@ -18,7 +18,8 @@ from fp8_fx.demo import main as demo_main  # noqa: E402
 from fp8_fx.inspect_graph import main as inspect_main  # noqa: E402
 from fp8_fx.wan import build_wan, load_wan, load_wan_fp8  # noqa: E402
 
-TINY = ["--steps", "1", "--frames", "1", "--height", "16", "--width", "16"]
+# --device cpu: these check the CPU's behaviour (the emulation, no speed claim) on any machine
+TINY = ["--steps", "1", "--frames", "1", "--height", "16", "--width", "16", "--device", "cpu"]
 
 
 @pytest.fixture
@@ -49,7 +50,7 @@ def fp8_checkpoint(tmp_path_factory):
 
 
 def test_demo_rejects_an_unknown_device(no_compile, capsys):
-    err = rejected(["--device", "cpux", *TINY], capsys)
+    err = rejected([*TINY, "--device", "cpux"], capsys)  # the last --device wins
     assert "--device 'cpux' is not a torch device" in err and "use cpu, cuda or cuda:N" in err
 
 

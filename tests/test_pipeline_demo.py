@@ -21,7 +21,8 @@ from fp8_fx import pipeline_demo  # noqa: E402
 from fp8_fx.demo import main as demo_main  # noqa: E402
 from test_cli_messages import no_compile, rejected  # noqa: E402,F401 - the demo's own CLI test helpers
 
-SMALL = ["--frames", "5", "--height", "32", "--width", "48", "--steps", "2"]
+SIZES = ["--frames", "5", "--height", "32", "--width", "48", "--steps", "2"]
+SMALL = [*SIZES, "--device", "cpu"]  # the CPU's behaviour (the emulation) on any machine
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +75,25 @@ def test_pipeline_demo_end_to_end_on_a_tiny_random_pipeline(tiny_pipeline, tmp_p
     assert f["psnr_db_min"] == min(f["psnr_db"]) and f["ssim_mean"] == pytest.approx(np.mean(f["ssim"]))
     for run in ("bf16", "fp8"):
         assert len(r[run]["steps_s"]) == 2 and r[run]["step_ms"] > 0 and r[run]["pipeline_s"] > 0
+
+
+@pytest.mark.gpu
+def test_pipeline_demo_end_to_end_on_the_gpu(tiny_pipeline, tmp_path, capsys):
+    """The same pipeline on a GPU with FP8 tensor cores: FP8 GEMMs (scaled_mm), a speed line,
+    the video and the numbers as sane as on the CPU."""
+    video, out = tmp_path / "side_by_side.mp4", tmp_path / "result.json"
+    argv = ["--pipeline", str(tiny_pipeline), "--prompt", "a red fox runs through fresh snow", *SIZES,
+            "--device", "cuda", "--video", str(video), "--json", str(out)]
+    assert demo_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "speedup fp8 vs bf16 compiled" in printed and "emulation" not in printed
+    r = json.loads(out.read_text())
+    assert r["device"].startswith("cuda") and r["report_counts"] == {"scaled_mm": 20, "skipped": 6}
+    for s in r["fidelity"]["per_step"]:
+        assert s["finite"] and 0 < s["rel_err"] < 0.1 and 0.99 < s["cosine"] <= 1
+    f = r["fidelity"]["frames"]
+    assert all(math.isfinite(p) and 20 < p < 120 for p in f["psnr_db"]) and all(0.9 < s <= 1 for s in f["ssim"])
+    assert decode(video).shape == (5, 32, 2 * 48, 3)
 
 
 def test_two_experts_each_get_an_fp8_backend_of_their_own(tmp_path, capsys):

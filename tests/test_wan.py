@@ -88,7 +88,7 @@ def test_three_step_denoising_loop_runs():
 def test_demo_json_has_every_field(tmp_path):
     out = tmp_path / "demo.json"
     plot = tmp_path / "err.png"
-    code = demo_main(["--steps", "2", "--frames", "5", "--height", "64", "--width", "64",
+    code = demo_main(["--steps", "2", "--frames", "5", "--height", "64", "--width", "64", "--device", "cpu",
                       "--json", str(out), "--plot", str(plot)])
     assert code == 0
     r = json.loads(out.read_text())
