@@ -189,8 +189,9 @@ def inputs(args, run: Run, tokens: int):
     return hidden, torch.tensor([500.0], device=run.device), text
 
 
-def bench_phase(names, models, backends, args, run: Run, tokens: int, parallel: bool) -> dict:
-    """Compile (first call), then time interleaved; rows by variant name."""
+def bench_phase(names, models, backends, args, run: Run, tokens: int, parallel: bool):
+    """Compile (first call), then time interleaved: (rows by variant name on rank 0, else {};
+    each variant's output, on the ranks that ran it)."""
     hidden, timestep, text = inputs(args, run, tokens)
     acting = parallel or run.rank == 0
 
