@@ -40,4 +40,7 @@ def test_every_variant_runs_on_one_and_two_ranks_with_its_row():
     assert rows["fp8_fx_cp"]["scaling_efficiency"] > 0
     assert rows["fp8_fx_cp"]["report"]["linears"] == {"emulate": 30}  # 1 graph alone + 2 under CP (split hook)
     assert rows["fp8_fx_attn_cp"]["report"]["attention"]["emulate"] == 3  # FP8 attention after the all-to-all
+    for name in ("fp8_fx_cp", "fp8_fx_attn_cp"):  # two ranks: the one-process error (tensor scales per slice)
+        one = rows[name.replace("_cp", "_1gpu")]["rel_err_vs_bf16_1gpu"]
+        assert rows[name]["rel_err_vs_bf16_1gpu"] < 1.5 * one
     assert rows["fp8_fx_attn_cp"]["report"]["attention_skipped"] == ["not targeted"]  # attn2
