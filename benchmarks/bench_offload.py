@@ -1,10 +1,13 @@
 """Offloading with fp8_fx on one GPU: peak memory, time per denoising step and the switch
 between Wan 2.2 A14B's two experts, for one offloading mode per process (peak memory is
-per process). Not run on a GPU yet; its logic dry-runs on the CPU with tiny experts (no memory
-numbers; tests/test_bench_offload.py runs every mode but group_fp8 so):
+per process).
 
-    python benchmarks/bench_offload.py --mode model_fp8 --model tiny --device cpu --convert-on cpu \
-        --frames 1 --height 32 --width 32 --steps 4
+Not run on a GPU yet. Its logic dry-runs on the CPU with tiny experts (no memory numbers;
+every mode but group_fp8, whose CUDA streams the CPU lacks: group_fp8_sync is the same
+without them; tests/test_bench_offload.py does this):
+
+    python benchmarks/bench_offload.py --mode model_fp8 --model tiny --device cpu \
+        --frames 1 --height 32 --width 32 --steps 6
 
     python benchmarks/bench_offload.py --mode model_fp8 --json $OUT/offload.json
     python benchmarks/bench_offload.py --mode group_fp8 --pipeline /path/to/Wan2.2-T2V-A14B-Diffusers
@@ -81,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale-2", type=float, default=3.0)
     p.add_argument("--granularity", default="tensor", choices=("tensor", "row"))
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
-    p.add_argument("--convert-on", default="cuda", choices=("cuda", "cpu"),
-                   help="where convert_to_fp8 quantizes (cuda: layer by layer on the GPU, faster; cpu: "
-                        "never more than the CPU's copy, as on a 24 GB card)")
+    p.add_argument("--convert-on", default=None, choices=("cuda", "cpu"),
+                   help="where convert_to_fp8 quantizes (default: --device's type; cuda: layer by layer on "
+                        "the GPU, faster; cpu: never more than the CPU's copy, as on a 24 GB card)")
     p.add_argument("--disk", default=None, help="group_disk_fp8: a folder with ~30 GB free (default: a "
                                                 "temporary folder)")
     p.add_argument("--device", default="cuda")
@@ -92,12 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     import torch
-    if not torch.cuda.is_available() and args.device.startswith("cuda"):
-        print("bench_offload: needs a CUDA GPU (offloading moves weights between the GPU and the CPU)",
-              file=sys.stderr)
-        return 2
+    if not torch.cuda.is_available() and (args.device.startswith("cuda") or args.convert_on == "cuda"):
+        parser.error("needs a CUDA GPU (offloading moves weights between the GPU and the CPU); "
+                     "--model tiny --device cpu dry-runs the script's logic")
+    if args.mode == "group_fp8" and not args.device.startswith("cuda"):
+        parser.error("--mode group_fp8 transfers on CUDA streams; on the CPU use group_fp8_sync (the same "
+                     "without streams)")
+    if args.convert_on is None:
+        args.convert_on = torch.device(args.device).type
     row = run(args)
     print(json.dumps(row, indent=1))
     if args.json:

@@ -24,7 +24,9 @@ with the same parallelism (`vs_bf16_same`), scaling efficiency (one-GPU ms of th
 model / (ranks x ms)), peak and resident GiB per GPU (max over ranks), all-to-all bytes per
 rank per forward (counted from the shapes: fp8_fx.distributed.context_parallel.wire_bytes)
 and the collectives' GPU time in one profiled forward, the output's error against
-`bf16_1gpu`'s, compile seconds (first call) and fp8_fx's report.
+`bf16_1gpu`'s, compile seconds (first call) and fp8_fx's report in numbers (graphs count
+every compile of the model copy so far: one for its block on one GPU, then two under
+context parallelism, where blocks.0 holds diffusers' split hook and recompiles apart).
 Targets (issue 16): `fp8_fx_cp` at 720p >= 1.9x `fp8_fx_1gpu` on 2 GPUs, and its
 `vs_bf16_same` >= `fp8_fx_1gpu`'s `vs_bf16_1gpu`.
 """

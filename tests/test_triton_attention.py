@@ -113,6 +113,9 @@ def test_kernel_refuses_what_it_does_not_compute(monkeypatch):
         triton_attention.sdpa_smooth_int8(huge, scale, huge, scale, huge.view(torch.float8_e4m3fn), scale, 0.1,
                                           torch.empty(0, device=DEVICE))
     if DEVICE == "cpu":
+        monkeypatch.setattr(triton_attention, "_INTERPRETED_KERNEL", False)  # the variable set too late
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 was set after fp8_fx was imported"):
+            attention(q, k, v, "smooth_int8", kernel="triton")
         monkeypatch.setattr(triton_attention, "interpreting", lambda: False)
         with pytest.raises(RuntimeError, match="runs on CUDA GPUs, not cpu"):
             attention(q, k, v, "smooth_int8", kernel="triton")

@@ -134,6 +134,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# triton.jit reads TRITON_INTERPRET when this module is imported (by `import fp8_fx`): a
+# variable set later does not make the kernel interpretable; sdpa_smooth_int8 says so
+_INTERPRETED_KERNEL = interpreting()
+
+
 def block_d(head_dim: int) -> int:
     """The kernel's head-dim tile: a power of two, at least 32 (INT8 MMA's K), masked beyond D."""
     return max(32, 1 << (head_dim - 1).bit_length())
@@ -149,6 +154,9 @@ def sdpa_smooth_int8(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, 
     if q8.device.type != "cuda" and not interpret:
         raise RuntimeError(f"the 'triton' FP8 attention kernel runs on CUDA GPUs, not {q8.device.type} "
                            "(or on the CPU in Triton's interpreter, TRITON_INTERPRET=1, for tests)")
+    if interpret and not _INTERPRETED_KERNEL:
+        raise RuntimeError("TRITON_INTERPRET=1 was set after fp8_fx was imported (importing it imports Triton "
+                           "and builds the kernel): set it in the shell, or in os.environ before `import fp8_fx`")
     b, h, sq, d = q8.shape
     sk = k8.shape[-2]
     if v8.shape[-1] != d:
