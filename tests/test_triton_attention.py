@@ -77,7 +77,10 @@ def test_kernel_reads_v_stored_either_way():
     assert quantized[4].stride()[2:] == (1, 96)
     stored = fp8_attention(*quantized, 0.125, "smooth_int8", "triton", OUT_DTYPE)
     quantized[4] = quantized[4].transpose(1, 2).contiguous().transpose(1, 2)  # head dim contiguous
-    assert torch.equal(fp8_attention(*quantized, 0.125, "smooth_int8", "triton", OUT_DTYPE), stored)
+    other = fp8_attention(*quantized, 0.125, "smooth_int8", "triton", OUT_DTYPE)
+    # the interpreter computes both alike; a GPU compiles each layout apart (the MMAs may sum in
+    # another order: fp32 rounding, then one bf16 rounding of the output)
+    assert torch.equal(other, stored) if DEVICE == "cpu" else rel_err(other.cpu(), stored.cpu().float()) < 4e-3
 
 
 def test_an_explicit_softmax_scale_and_no_queries():
