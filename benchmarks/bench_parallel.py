@@ -53,6 +53,9 @@ TINY_LATENT = (2, 8, 8)  # 32 tokens: splits over 2 or 4 ranks
 ONE_GPU = ("bf16_1gpu", "fp8_fx_1gpu", "fp8_fx_attn_1gpu")
 PARALLEL = ("bf16_cp", "fp8_fx_cp", "fp8_fx_attn_cp", "fp8_fx_cp_fp8wire")
 DEFAULT_VARIANTS = "bf16_1gpu,fp8_fx_1gpu,bf16_cp,fp8_fx_cp,fp8_fx_cp_fp8wire"
+# each parallel variant's one-GPU counterpart (its scaling efficiency)
+ONE_GPU_OF = {"bf16_cp": "bf16_1gpu", "fp8_fx_cp": "fp8_fx_1gpu", "fp8_fx_attn_cp": "fp8_fx_attn_1gpu",
+              "fp8_fx_cp_fp8wire": "fp8_fx_1gpu"}
 # which model copy each variant runs: variants of one copy share its weights and its compile
 COPY = {"bf16_1gpu": "bf16", "bf16_cp": "bf16", "fp8_fx_1gpu": "fp8", "fp8_fx_cp": "fp8",
         "fp8_fx_attn_1gpu": "fp8_attn", "fp8_fx_attn_cp": "fp8_attn", "fp8_fx_cp_fp8wire": "fp8_wire"}
@@ -149,20 +152,12 @@ def build_models(args, run: Run) -> dict:
     bf16 = fp8_fx.wan.build_wan(args.model, dtype=run.dtype, device=run.device, seed=0)
     for p in bf16.parameters():  # one model on every rank, whatever each device's random stream
         dist.broadcast(p.data, src=0)
-    models = {}
-    fp8 = None
-    for kind in ("fp8", "fp8_attn", "fp8_wire"):
-        if kind in kinds:
-            if fp8 is None:
-                fp8 = copy.deepcopy(bf16)
-                fp8_fx.convert_to_fp8(fp8, fp8_config(args, run, attention=False))
-                models[kind] = fp8
-            else:
-                models[kind] = copy.deepcopy(fp8)
-    if "bf16" in kinds:
-        models["bf16"] = bf16
-    else:
-        del bf16
+    models = {"bf16": bf16} if "bf16" in kinds else {}
+    fp8_kinds = [kind for kind in ("fp8", "fp8_attn", "fp8_wire") if kind in kinds]
+    if fp8_kinds:  # converted once, then copied
+        fp8 = copy.deepcopy(bf16)
+        fp8_fx.convert_to_fp8(fp8, fp8_config(args, run, attention=False))
+        models.update({kind: fp8 if i == 0 else copy.deepcopy(fp8) for i, kind in enumerate(fp8_kinds)})
     return models
 
 
@@ -296,8 +291,7 @@ def _main(args, run: Run) -> list:
         reference = outputs.get("bf16_1gpu")
         for name, row in rows.items():
             same_parallel = "bf16_cp" if name in PARALLEL else "bf16_1gpu"
-            one = {"bf16_cp": "bf16_1gpu", "fp8_fx_cp": "fp8_fx_1gpu", "fp8_fx_attn_cp": "fp8_fx_attn_1gpu",
-                   "fp8_fx_cp_fp8wire": "fp8_fx_1gpu"}.get(name)
+            one = ONE_GPU_OF.get(name)
             row.update(model=args.model, tokens=tokens, ranks=run.world if name in PARALLEL else 1,
                        device=torch.cuda.get_device_name(run.device) if run.cuda else "cpu (dry run)",
                        torch=torch.__version__, granularity=args.granularity)

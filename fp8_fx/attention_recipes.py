@@ -60,8 +60,8 @@ KERNELS = ("emulate", "cudnn", "triton")
 QK_BLOCK = 64  # tokens per Q/K scale in "smooth_int8"
 KEY_TILE = 64  # keys per tile of "smooth_int8"'s online softmax (its Triton kernel's BLOCK_N)
 INT8_MAX = 127.0
-V_TOKEN_ALIGN = 16  # "smooth_int8" stores V's channels as rows of a multiple of 16 tokens
 INT8_MIN_SCALE = 1.0 / (INT8_MAX * 512.0)  # an all-zero block stays finite, as in ops.py
+V_TOKEN_ALIGN = 16  # "smooth_int8" stores V's channels as rows of a multiple of 16 tokens
 
 _lib = torch.library.Library("fp8_fx", "FRAGMENT")
 
@@ -160,9 +160,8 @@ def _cast_to_fp8_tokens_contiguous(v: torch.Tensor, scale: torch.Tensor) -> torc
     layout, a load the loop waited on (benchmarks/README.md, TTGIR). The padding keeps
     each channel's row 16-byte aligned; the kernel never reads it (keys past S are masked)."""
     s = v.shape[-2]
-    scaled = torch.clamp(v.float() / scale, -FP8_MAX, FP8_MAX).transpose(-1, -2)
-    padded = torch.nn.functional.pad(scaled, (0, -s % V_TOKEN_ALIGN)).to(FP8_DTYPE)
-    return padded[..., :s].transpose(-1, -2)
+    padded = torch.nn.functional.pad(v.transpose(-1, -2), (0, -s % V_TOKEN_ALIGN))  # (B, H, D, S')
+    return cast_to_fp8(padded, scale.transpose(-1, -2))[..., :s].transpose(-1, -2)
 
 
 _lib.define("quantize_attention_inputs(Tensor q, Tensor k, Tensor v, str recipe, bool rotate=False) "

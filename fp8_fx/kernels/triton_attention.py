@@ -110,7 +110,8 @@ if triton is not None:
             t = tl.where(key_ok[None, :], t, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(t, 1) * c)
             alpha = tl.exp2(m_i - m_new)
-            p448 = tl.exp2(t * c[:, None] - (m_new - 8.807354922057604)[:, None])  # log2(448)  # 448 P~, contracted to an FFMA
+            # 448 P~ = exp2(c t - (m - log2 448)): one FFMA and an exp2 per score
+            p448 = tl.exp2(t * c[:, None] - (m_new - 8.807354922057604)[:, None])
             l_i = l_i * alpha + tl.sum(p448, 1)
             if EXACT_E4M3:  # round to the nearest even e4m3 value in fp32 (see the docstring)
                 exponent = ((p448.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
