@@ -49,7 +49,7 @@ def test_kernel_computes_the_float64_recipe(shape):
     assert rel_err(out.cpu(), expected) < (2e-4 if OUT_DTYPE == torch.float32 else 4e-3)
     assert rel_err(out.cpu(), exact) < 0.05
     emulated = attention(q, k, v, "smooth_int8", kernel="emulate")
-    assert rel_err(out.cpu(), emulated.cpu()) < 2e-4 if OUT_DTYPE == torch.float32 else 4e-3
+    assert rel_err(out.cpu(), emulated.cpu()) < (2e-4 if OUT_DTYPE == torch.float32 else 4e-3)
 
 
 def test_kernel_computes_the_rotated_recipe():
