@@ -78,13 +78,12 @@ def attention_kernels(arch):
     blocks = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "EXACT_E4M3")
     signature = {n: (ptrs.get(n, "*fp32") if n.endswith("_ptr") else "fp32" if n == "qk_scale"
                      else "constexpr" if n in unit or n in blocks else "i32") for n in fn.arg_names}
-    out = {}
-    for head_dim in (64, 128):
-        block_d = ta.block_d(head_dim)
-        constexprs = dict(BLOCK_M=ta.BLOCK_M, BLOCK_N=ta.BLOCK_N, BLOCK_D=block_d, EXACT_E4M3=False,
-                          **{n: 1 for n in unit})
-        out[f"attention d{head_dim}"] = compile_kernel(fn, signature, constexprs, 8 if block_d >= 128 else 4,
-                                                        arch, num_stages=2)
+    out, config = {}, ta.LaunchConfig()
+    for head_dim in (64, 128, 256):
+        constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=ta.block_d(head_dim),
+                          EXACT_E4M3=False, **{n: 1 for n in unit})
+        out[f"attention d{head_dim}"] = compile_kernel(fn, signature, constexprs, config.num_warps, arch,
+                                                        num_stages=config.num_stages)
     return out
 
 

@@ -58,7 +58,7 @@ from .ops import FP8_DTYPE, FP8_MAX, amax_to_scale, cast_to_fp8
 RECIPES = ("tensor", "smooth_int8")
 KERNELS = ("emulate", "cudnn", "triton")
 QK_BLOCK = 64  # tokens per Q/K scale in "smooth_int8"
-KEY_TILE = 64  # keys per tile of "smooth_int8"'s online softmax (its Triton kernel's BLOCK_N)
+KEY_TILE = 128  # keys per tile of "smooth_int8"'s online softmax (its Triton kernel's BLOCK_N)
 INT8_MAX = 127.0
 INT8_MIN_SCALE = 1.0 / (INT8_MAX * 512.0)  # an all-zero block stays finite, as in ops.py
 V_TOKEN_ALIGN = 16  # "smooth_int8" stores V's channels as rows of a multiple of 16 tokens

@@ -87,8 +87,8 @@ def recipe_attention(q, k, v, recipe, softmax_scale=None, rotate=False):
     return _on_grid((pd @ vd) / p.sum(dim=-1, keepdim=True), vs)
 
 
-def online_p_v(s, vd, tile=64):
-    """softmax(S) @ V as a flash-attention loop over tiles of 64 keys: each tile's
+def online_p_v(s, vd, tile=128):
+    """softmax(S) @ V as a flash-attention loop over tiles of 128 keys: each tile's
     P~ = exp(S - m) on the e4m3 grid (x 448) against the max m of the keys so far; what was
     summed before rescaled by exp(m_old - m_new); divided by the rowsum of the unquantized P~."""
     m = torch.full((*s.shape[:-1], 1), -math.inf, dtype=torch.float64)

@@ -32,7 +32,7 @@ def qkv(b, h, sq, sk, d, k_bias=3.0, seed=0):
 
 
 @pytest.mark.parametrize("shape", [
-    (1, 2, 150, 150, 64),   # three key tiles of 64, the last one partial; two Q blocks of 64 tokens
+    (1, 2, 150, 150, 64),   # two key tiles of 128, the second partial; three Q blocks of 64 tokens
     (2, 1, 37, 200, 128),   # Wan's head dim; fewer queries than one program's 128 rows
     (1, 1, 5, 3, 40),       # a head dim that is no power of two (masked to 64); one short tile
     (1, 3, 130, 77, 16),    # head dim 16 (masked to INT8 MMA's 32); cross-attention-like
