@@ -2,9 +2,9 @@
 between Wan 2.2 A14B's two experts, for one offloading mode per process (peak memory is
 per process).
 
-Not run on a GPU yet. Its logic dry-runs on the CPU with tiny experts (no memory numbers;
-every mode but group_fp8, whose CUDA streams the CPU lacks: group_fp8_sync is the same
-without them; tests/test_bench_offload.py does this):
+Run on the H200 (run 29, benchmarks/README.md). Its logic dry-runs on the CPU with tiny
+experts (no memory numbers; every mode but group_fp8, whose CUDA streams the CPU lacks:
+group_fp8_sync is the same without them; tests/test_bench_offload.py does this):
 
     python benchmarks/bench_offload.py --mode model_fp8 --model tiny --device cpu \
         --frames 1 --height 32 --width 32 --steps 6

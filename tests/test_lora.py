@@ -291,3 +291,23 @@ def test_adapters_and_convert_to_fp8_in_either_order():
         model.fuse_lora()
     model.unload_lora()  # fused in for good: the base model is FP8Linears again
     assert isinstance(model.blocks[0].attn1.to_q, fp8_fx.FP8Linear)
+
+
+@pytest.mark.gpu
+def test_unfused_adapter_on_the_gpu_runs_scaled_mm_and_follows_strength():
+    """On a GPU with FP8 tensor cores: the base layers run as real FP8 GEMMs (`scaled_mm`,
+    not the emulation), the adapter branch in bf16 beside them, and a strength change takes
+    effect without recompiling, each output against the eager bf16 model with the adapter."""
+    model = adapted_wan().cuda()
+    assert lora_scales_as_tensors(model) == 20  # after moving the model, as the README says
+    backend = Counting(make_fp8_backend(FP8Config()))
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    on_gpu = [tuple(t.cuda() for t in inputs(seed)) for seed in range(3)]
+    assert rel_err(forward(compiled, on_gpu[0]), forward(model, on_gpu[0])) < TOL
+    report = backend.backend.report
+    assert [d.qualname for d in report if d.converted] == EXPECTED
+    assert {d.action for d in report if d.converted} == {"scaled_mm"}
+    for args, strength in zip(on_gpu[1:], (0.5, 0.0)):
+        model.set_adapters(["style"], weights=[strength])
+        assert rel_err(forward(compiled, args), forward(model, args)) < TOL, strength
+    assert backend.compiles == 1, "a strength change recompiled"
