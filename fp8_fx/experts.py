@@ -30,7 +30,7 @@ import dataclasses
 import functools
 import warnings
 from collections import Counter
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -195,11 +195,18 @@ class CompiledExperts:
         for b in self.backends.values():
             b.set_step(step, num_steps)
 
-    def step_callback(self, pipe: Any, step: int, timestep: Any, callback_kwargs: Dict) -> Dict:
-        """`pipe(..., callback_on_step_end=experts.step_callback)`."""
-        for b in self.backends.values():
-            callback_kwargs = b.step_callback(pipe, step, timestep, callback_kwargs)
-        return callback_kwargs
+    @property
+    def step_callback(self) -> Callable[[Any, int, Any, Dict], Dict]:
+        """`pipe(..., callback_on_step_end=experts.step_callback)`. A property, as the
+        backend's: fetching it tells every backend that steps will come, before step 0
+        runs (diffusers calls the callback only after each step)."""
+        callbacks = [b.step_callback for b in self.backends.values()]
+
+        def tell_every_expert(pipe: Any, step: int, timestep: Any, callback_kwargs: Dict) -> Dict:
+            for callback in callbacks:
+                callback_kwargs = callback(pipe, step, timestep, callback_kwargs)
+            return callback_kwargs
+        return tell_every_expert
 
     def clear(self) -> None:
         """Forget every expert's report and graphs (compiled code stays)."""

@@ -343,10 +343,12 @@ def _denoise(pipe, recorder: StepRecorder, device, prompt_embeds, negative_embed
     """One pipeline call with the recorder on; returns the decoded video (F, H, W, 3) in [0, 1].
     Each backend is told the steps (its attention policy: AttentionConfig.bf16_*_steps)."""
 
+    step_callbacks = [backend.step_callback for backend in backends]  # fetched now: steps will come
+
     def step_end(pipe, i, t, callback_kwargs):
         callback_kwargs = recorder.step_end(pipe, i, t, callback_kwargs)
-        for backend in backends:
-            callback_kwargs = backend.step_callback(pipe, i, t, callback_kwargs)
+        for callback in step_callbacks:
+            callback_kwargs = callback(pipe, i, t, callback_kwargs)
         return callback_kwargs
 
     pipe.set_progress_bar_config(desc=label, file=sys.stdout)

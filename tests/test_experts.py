@@ -11,6 +11,7 @@ test_lora) or one expert running the other's weights (different random weights: 
 is far outside it. That FP8 ran at all is shown by the graphs themselves: records that
 say `emulate`, and call counters on exactly those graphs (bf16 compiled by Inductor is
 itself 0.4-0.5% from eager here, so the error alone could not tell)."""
+import warnings
 from collections import Counter
 
 import pytest
@@ -57,7 +58,7 @@ class Velocities:
             h.remove()
 
 
-def run_pipe(pipe, steps: int = STEPS):
+def run_pipe(pipe, steps: int = STEPS, **pipe_kwargs):
     """A few denoising steps from fixed text embeddings and noise (no text encoder, no VAE),
     guidance off: one forward per step. Returns [(expert, velocity)] per call."""
     g = torch.Generator().manual_seed(0)
@@ -67,7 +68,7 @@ def run_pipe(pipe, steps: int = STEPS):
     try:
         with torch.no_grad():
             pipe(prompt_embeds=embeds, latents=latents, num_frames=1, height=32, width=32,
-                 num_inference_steps=steps, guidance_scale=1.0, output_type="latent")
+                 num_inference_steps=steps, guidance_scale=1.0, output_type="latent", **pipe_kwargs)
     finally:
         rec.remove()
     return rec.calls
@@ -120,6 +121,20 @@ def test_one_call_compiles_both_experts_and_one_report_names_them():
     run_pipe(pipe, steps=1)  # t=999: the high-noise expert alone; no recompile
     assert experts.calls == {"transformer": before["transformer"] + BLOCKS, "transformer_2": before["transformer_2"]}
     assert [len(b.graphs) for b in experts.backends.values()] == [1, 1]
+
+
+def test_the_step_callback_tells_both_experts_from_step_0_on():
+    # diffusers calls callback_on_step_end after each step: fetching experts.step_callback
+    # must already say that steps will come, or step 0's forward warns "no denoising step".
+    pipe = tiny_pipeline(2)
+    config = fp8_fx.FP8Config(fallback="emulate", attention=fp8_fx.AttentionConfig(bf16_first_steps=1))
+    experts = fp8_fx.compile_experts(pipe, config)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*no denoising step")
+        run_pipe(pipe, callback_on_step_end=experts.step_callback)
+    # step 0 (transformer) keeps bf16 attention; steps 1 and 2 (transformer_2) run FP8 attention
+    assert [b.steps.calls for b in experts.backends.values()] == [{"fp8": 0, "bf16": BLOCKS},
+                                                                   {"fp8": 2 * BLOCKS, "bf16": 0}]
 
 
 # 2. one transformer (Wan 2.1), FP8 weights at rest, a per-block exclude
