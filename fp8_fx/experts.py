@@ -330,6 +330,8 @@ def compile_experts(pipe: Any, config: Optional[FP8Config] = None, *, regional: 
     offloaded = {n: offload.find_offloading(m) for n, m in experts.items()}
     if fp8_at_rest and any(offloaded.values()):
         name, found = next((n, f) for n, f in offloaded.items() if f)
+        if any(o.kind == offload.SEQUENTIAL or o.level == "leaf_level" for o in found):
+            offload.check(experts[name], name=name)  # refused in either order: say why, not "convert first"
         raise offload.OffloadError(
             f"fp8_fx: compile_experts(fp8_at_rest=True) on {name}, which already uses {found[0]}: the "
             "offloading hooks hold its bf16 layers (and their files or devices), which converting "

@@ -189,6 +189,9 @@ def test_sequential_cpu_offload_is_refused():
     with pytest.raises(OffloadError, match=r"transformer runs under sequential CPU offload.*silently not run "
                                            r"in FP8.*offload_type='block_level'"):
         fp8_fx.compile_experts(pipe, EMULATE)
+    with pytest.raises(OffloadError, match=r"sequential CPU offload") as refused:  # converting first would not help
+        fp8_fx.compile_experts(pipe, EMULATE, fp8_at_rest=True)
+    assert "Convert first" not in str(refused.value)
 
     from accelerate import cpu_offload
     pipe = tiny_pipeline(1)
