@@ -12,7 +12,7 @@ recompile per step.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Iterable, Optional
 
 from .config import AttentionConfig
 
@@ -67,3 +67,16 @@ class DenoisingSteps:
             following = 0
         self.step, self.num_steps, self.told = following, num_steps, True
         return callback_kwargs
+
+
+def chained_step_callback(backends: Iterable[Any]) -> Callable[[Any, int, Any, Dict], Dict]:
+    """One diffusers callback_on_step_end telling every backend the steps. Fetched now, not
+    at the first step's end: fetching a backend's step_callback says steps will come, and
+    diffusers calls the callback only after each step (else step 0 warns)."""
+    callbacks = [b.step_callback for b in backends]
+
+    def tell_each(pipe: Any, step: int, timestep: Any, callback_kwargs: Dict) -> Dict:
+        for callback in callbacks:
+            callback_kwargs = callback(pipe, step, timestep, callback_kwargs)
+        return callback_kwargs
+    return tell_each

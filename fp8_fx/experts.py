@@ -38,6 +38,7 @@ import torch.nn as nn
 from . import offload
 from .backend import FP8Backend
 from .config import FP8Config
+from .denoising_steps import chained_step_callback
 from .modules import convert_to_fp8
 from .report import LinearDecision, Records, format_attention_table, format_table
 
@@ -200,13 +201,7 @@ class CompiledExperts:
         """`pipe(..., callback_on_step_end=experts.step_callback)`. A property, as the
         backend's: fetching it tells every backend that steps will come, before step 0
         runs (diffusers calls the callback only after each step)."""
-        callbacks = [b.step_callback for b in self.backends.values()]
-
-        def tell_every_expert(pipe: Any, step: int, timestep: Any, callback_kwargs: Dict) -> Dict:
-            for callback in callbacks:
-                callback_kwargs = callback(pipe, step, timestep, callback_kwargs)
-            return callback_kwargs
-        return tell_every_expert
+        return chained_step_callback(self.backends.values())
 
     def clear(self) -> None:
         """Forget every expert's report and graphs (compiled code stays)."""
@@ -330,8 +325,7 @@ def compile_experts(pipe: Any, config: Optional[FP8Config] = None, *, regional: 
     offloaded = {n: offload.find_offloading(m) for n, m in experts.items()}
     if fp8_at_rest and any(offloaded.values()):
         name, found = next((n, f) for n, f in offloaded.items() if f)
-        if any(o.kind == offload.SEQUENTIAL or o.level == "leaf_level" for o in found):
-            offload.check(experts[name], name=name)  # refused in either order: say why, not "convert first"
+        offload.refuse_modes(found, name)  # refused in either order: say why, not "convert first"
         raise offload.OffloadError(
             f"fp8_fx: compile_experts(fp8_at_rest=True) on {name}, which already uses {found[0]}: the "
             "offloading hooks hold its bf16 layers (and their files or devices), which converting "

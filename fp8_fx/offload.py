@@ -176,21 +176,7 @@ def check(model: nn.Module, config: Optional[FP8Config] = None, name: str = "the
     an fp8_fx-compiled `model` run without FP8, re-quantize at every onload, or strand FP8
     copies on the onload device. Returns the offloading found (empty: none)."""
     found = find_offloading(model)
-    for o in found:
-        if o.kind == SEQUENTIAL:
-            raise OffloadError(
-                f"fp8_fx: {name} runs under {SEQUENTIAL} (pipe.enable_sequential_cpu_offload, "
-                "accelerate.cpu_offload): accelerate keeps each layer's weights on the meta device and "
-                "loads them, as new Parameters, at that layer's call, in hooks torch.compile does not "
-                "trace (torch.compiler.disable). Compiled, every layer becomes a graph of its own, Dynamo "
-                "runs out of recompiles and the rest runs eagerly: the linears would silently not run in "
-                f"FP8, and an FP8 copy of a bf16 weight would be made at every call. {FIX_BLOCK_LEVEL}")
-        if o.kind == GROUP and o.level == "leaf_level":
-            raise OffloadError(
-                f"fp8_fx: {name} uses leaf-level {GROUP}: diffusers hooks every layer with "
-                "torch.compiler.disable'd onload/offload calls, so a compiled block breaks into one "
-                "graph per layer, Dynamo runs out of recompiles and the rest runs eagerly: the linears "
-                f"would silently not run in FP8. {FIX_BLOCK_LEVEL}")
+    refuse_modes(found, name)
     moving = [o for o in found if o.moves_weights]
     if moving:
         runtime = runtime_quantized_weights(model, config)
@@ -206,6 +192,26 @@ def check(model: nn.Module, config: Optional[FP8Config] = None, name: str = "the
                 f"slow), and the copies made on {o.onload_device} would stay there after the weights "
                 f"are offloaded ({size} that offloading was meant to free). {FIX_AT_REST}")
     return found
+
+
+def refuse_modes(found: List[Offloading], name: str) -> None:
+    """Raise OffloadError for the offloading modes fp8_fx never runs under, whatever the
+    weights' precision (sequential CPU offload, leaf-level group offloading)."""
+    for o in found:
+        if o.kind == SEQUENTIAL:
+            raise OffloadError(
+                f"fp8_fx: {name} runs under {SEQUENTIAL} (pipe.enable_sequential_cpu_offload, "
+                "accelerate.cpu_offload): accelerate keeps each layer's weights on the meta device and "
+                "loads them, as new Parameters, at that layer's call, in hooks torch.compile does not "
+                "trace (torch.compiler.disable). Compiled, every layer becomes a graph of its own, Dynamo "
+                "runs out of recompiles and the rest runs eagerly: the linears would silently not run in "
+                f"FP8, and an FP8 copy of a bf16 weight would be made at every call. {FIX_BLOCK_LEVEL}")
+        if o.kind == GROUP and o.level == "leaf_level":
+            raise OffloadError(
+                f"fp8_fx: {name} uses leaf-level {GROUP}: diffusers hooks every layer with "
+                "torch.compiler.disable'd onload/offload calls, so a compiled block breaks into one "
+                "graph per layer, Dynamo runs out of recompiles and the rest runs eagerly: the linears "
+                f"would silently not run in FP8. {FIX_BLOCK_LEVEL}")
 
 
 def _size(nbytes: int) -> str:

@@ -30,6 +30,7 @@ import torch
 
 from .demo import (DTYPES, UsageError, _sync, cosine, finish, first_steps_of_each_kind, rel_err, summarize,
                    validate)
+from .denoising_steps import chained_step_callback
 
 INSTALL = "pip install -e '.[pipeline]'  (or pip install 'fp8_fx[pipeline]')"
 # (module to import, pip name) for everything --pipeline needs beyond torch
@@ -343,13 +344,10 @@ def _denoise(pipe, recorder: StepRecorder, device, prompt_embeds, negative_embed
     """One pipeline call with the recorder on; returns the decoded video (F, H, W, 3) in [0, 1].
     Each backend is told the steps (its attention policy: AttentionConfig.bf16_*_steps)."""
 
-    step_callbacks = [backend.step_callback for backend in backends]  # fetched now: steps will come
+    tell_backends = chained_step_callback(backends)
 
     def step_end(pipe, i, t, callback_kwargs):
-        callback_kwargs = recorder.step_end(pipe, i, t, callback_kwargs)
-        for callback in step_callbacks:
-            callback_kwargs = callback(pipe, i, t, callback_kwargs)
-        return callback_kwargs
+        return tell_backends(pipe, i, t, recorder.step_end(pipe, i, t, callback_kwargs))
 
     pipe.set_progress_bar_config(desc=label, file=sys.stdout)
     if device.type == "cuda":
